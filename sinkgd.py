@@ -1,0 +1,300 @@
+"""SinkGD: Sinkhorn Gradient Descent.
+
+Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless and Scalable LLM Training",
+arXiv 2502.06742. Algorithm numbers below are the paper's.
+
+- `multinorm` (Alg. 1) alternates normalisation projections of a gradient; SR-Sinkhorn and SWAN are
+  two instances of it, written out plainly with one full-matrix pass per projection.
+- `sr_sinkhorn` (Alg. 3) is the same fixed-point scheme for the row/column l2 norms, computed on two
+  scaling vectors instead of the matrix: O(m + n) extra memory beyond one float32 buffer.
+- `sr_sinkhorn_sharded` runs it on flat fragments of matrices spread over ranks (ZeRO partitions),
+  exchanging only the m- and n-length partial sums, never the gradient.
+- `SinkGD` (Alg. 4) is a thin, stateless optimizer around it, with AdamW for the parameter groups
+  flagged `sinkgd=False` (embedding, norms, head), and `sinkgd_param_groups` builds the paper's split.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adamw import adamw
+
+# --------------------------------------------------------------------------------------------------
+# Alg. 1 (MultiNorm) and its instances, plainly. Each projection costs a full pass over the matrix.
+
+
+def multinorm(grad: Tensor, projections: list[Callable[[Tensor], Tensor]], num_iters: int) -> Tensor:
+    """Alg. 1: apply the normalisation projections P_1, ..., P_K in turn, num_iters times."""
+    x = grad
+    for _ in range(num_iters):
+        for project in projections:
+            x = project(x)
+    return x
+
+
+def normalize_rows(x: Tensor) -> Tensor:
+    """Every row to l2 norm sqrt(n) (a zero row stays zero)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x * torch.where(norms > 0, math.sqrt(x.shape[1]) / norms, 0.0)
+
+
+def normalize_columns(x: Tensor) -> Tensor:
+    """Every column to l2 norm sqrt(m) (a zero column stays zero)."""
+    return normalize_rows(x.T).T
+
+
+def standardize_rows(x: Tensor) -> Tensor:
+    """SWAN's GradNorm: every row to zero mean and unit standard deviation."""
+    std, mean = torch.std_mean(x, dim=1, keepdim=True, correction=0)
+    return (x - mean) / std.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def whiten(x: Tensor, ns_iters: int = 10) -> Tensor:
+    """SWAN's GradWhitening (X X^T)^(-1/2) X, by the cubic Newton-Schulz iteration for the polar factor.
+
+    Each iteration costs O(min(m, n)^2 max(m, n)) in matmuls: the cost that SinkGD removes."""
+    if x.shape[0] > x.shape[1]:  # same polar factor, smaller Gram matrix
+        return whiten(x.T, ns_iters).T
+    y = x / torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)  # singular values <= 1
+    for _ in range(ns_iters):
+        y = 1.5 * y - 0.5 * (y @ y.T) @ y
+    return y
+
+
+def swan(grad: Tensor, ns_iters: int = 10) -> Tensor:
+    """SWAN (Ma et al. 2024) as MultiNorm with projections [standardize rows, whiten], one pass."""
+    return multinorm(grad.float(), [standardize_rows, lambda x: whiten(x, ns_iters)], num_iters=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alg. 3 (SR-Sinkhorn) on scaling vectors. The iterate is always X = diag(r) G diag(c), so
+#   squared row norms of X    = r^2 * (G^2 @ c^2)
+#   squared column norms of X = c^2 * (r^2 @ G^2)
+# and all L iterations need only matrix-vector products with G^2, computed once.
+
+
+def _work_dtype(grad: Tensor) -> torch.dtype:
+    """float32 whatever the gradient dtype (bf16 is common); float64 stays float64."""
+    return torch.float64 if grad.dtype == torch.float64 else torch.float32
+
+
+def _inv_sqrt(x: Tensor) -> Tensor:
+    """1/sqrt(x), and 0 where x is 0: an all-zero row or column stays zero instead of becoming NaN."""
+    return torch.where(x > torch.finfo(x.dtype).tiny, x.rsqrt(), 0.0)
+
+
+def _unit_max(v: Tensor, lengths: Tensor) -> Tensor:
+    """Divide each matrix's segment of v by its maximum. diag(r) G diag(c) is unchanged by
+    (r, c) -> (r k, c / k), so this costs nothing in exactness and keeps r^2 and c^2 from
+    overflowing on gradients with a huge dynamic range."""
+    peak = torch.segment_reduce(v, "max", lengths=lengths).clamp_min(torch.finfo(v.dtype).tiny)
+    return v / peak.repeat_interleave(lengths, output_size=v.numel())
+
+
+def _sinkhorn_scalings(row_sumsq: Callable[[Tensor], Tensor], col_sumsq: Callable[[Tensor], Tensor],
+                       ms: Tensor, ns: Tensor, num_iters: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The (r, c) of Alg. 3 after num_iters iterations, for one or more matrices whose scaling
+    vectors are stacked end to end (ms, ns: their row and column counts; for a single matrix these
+    are just r and c). row_sumsq(v) returns G^2 @ v and col_sumsq(u) returns u @ G^2, per matrix."""
+    num_rows, num_cols = int(ms.sum()), int(ns.sum())
+    n_of_row = ns.repeat_interleave(ms, output_size=num_rows).to(dtype)
+    m_of_col = ms.repeat_interleave(ns, output_size=num_cols).to(dtype)
+    c = torch.ones(num_cols, dtype=dtype, device=ms.device)
+    for _ in range(num_iters):
+        c = _unit_max(c, ns)
+        r = _unit_max(_inv_sqrt(row_sumsq(c * c) / n_of_row), ms)  # rows of X to norm sqrt(n)
+        c = _inv_sqrt(col_sumsq(r * r) / m_of_col)  # then columns to norm sqrt(m), ending here
+    return r, c
+
+
+def _row_max(block: Tensor, dtype: torch.dtype) -> Tensor:
+    """max_j |G_ij| per row. Row i is divided by it first: that changes nothing, since rows are
+    normalised first, but puts every entry in [-1, 1] so squaring a large finite value can't overflow."""
+    return torch.linalg.vector_norm(block, ord=math.inf, dim=1, dtype=dtype)
+
+
+def sr_sinkhorn(grad: Tensor, num_iters: int = 5) -> Tensor:
+    """Alg. 3: alternately rescale the rows of G (m x n) to l2 norm sqrt(n) and its columns to l2 norm
+    sqrt(m), num_iters times, ending on the columns. Returns a new float32 (float64 if G is) matrix."""
+    if grad.dim() != 2:
+        raise ValueError(f"sr_sinkhorn expects a 2-D matrix, got shape {tuple(grad.shape)}")
+    dtype = _work_dtype(grad)
+    row_max = _row_max(grad, dtype)
+    row_max = torch.where(row_max > 0, row_max, 1.0)[:, None]
+    # The only matrix-sized buffer: (G / row_max)^2 while iterating, then the result.
+    buf = torch.div(grad, row_max, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+    buf.square_()
+    shape = torch.tensor(grad.shape, device=grad.device)
+    r, c = _sinkhorn_scalings(lambda v: buf @ v, lambda u: u @ buf, shape[:1], shape[1:], num_iters, dtype)
+    return torch.div(grad, row_max, out=buf).mul_(r[:, None]).mul_(c)
+
+
+# --------------------------------------------------------------------------------------------------
+# SR-Sinkhorn on fragments. Row and column sums of squares are additive over any split of a matrix,
+# so each rank sums over the elements it holds and an all-reduce of the m- (or n-) length vectors
+# per half-iteration gives every rank the exact (r, c) without moving any gradient. The vectors of
+# all matrices are stacked so that each half-iteration is a single all-reduce.
+
+
+@dataclass
+class Fragment:
+    """Elements [start, start + grad.numel()) of a row-major matrix of `shape`, held by this rank."""
+    grad: Tensor  # 1-D, possibly empty
+    start: int
+    shape: tuple[int, int]
+
+
+def _blocks(flat: Tensor, start: int, n: int) -> list[tuple[int, int, Tensor]]:
+    """A flat run of a row-major matrix with n columns, starting at element `start`, as 2-D views
+    (first row, first column, view): a partial head row, whole rows, a partial tail row."""
+    blocks = []
+    head = min((n - start % n) % n, flat.numel())
+    if head:
+        blocks.append((start // n, start % n, flat[:head].view(1, head)))
+    whole = (flat.numel() - head) // n
+    if whole:
+        blocks.append(((start + head) // n, 0, flat[head:head + whole * n].view(whole, n)))
+    tail = flat.numel() - head - whole * n
+    if tail:
+        blocks.append(((start + head) // n + whole, 0, flat[-tail:].view(1, tail)))
+    return blocks
+
+
+def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
+                        all_reduce: Callable[[Tensor, str], None]) -> list[Tensor]:
+    """sr_sinkhorn of several matrices, each given as this rank's (possibly empty) fragment of it.
+
+    Every rank passes fragments of the same matrices in the same order. all_reduce(t, op) reduces t in
+    place over the ranks, op being "sum" or "max". Returns each fragment's part of the result, flat."""
+    dtype = _work_dtype(fragments[0].grad)
+    device = fragments[0].grad.device
+    ms = torch.tensor([f.shape[0] for f in fragments], device=device)
+    ns = torch.tensor([f.shape[1] for f in fragments], device=device)
+    row_at = [0] + ms.cumsum(0).tolist()  # where each matrix's rows start in the stacked vectors
+    col_at = [0] + ns.cumsum(0).tolist()
+    outs = [torch.empty(f.grad.shape, dtype=dtype, device=device) for f in fragments]
+    # (stacked rows, stacked columns, gradient block, buffer block) for every block held here
+    placed = [(slice(row_at[k] + i, row_at[k] + i + g.shape[0]), slice(col_at[k] + j, col_at[k] + j + g.shape[1]), g, b)
+              for k, (f, out) in enumerate(zip(fragments, outs))
+              for (i, j, g), (_, _, b) in zip(_blocks(f.grad, f.start, f.shape[1]), _blocks(out, f.start, f.shape[1]))]
+
+    row_max = torch.zeros(row_at[-1], dtype=dtype, device=device)
+    for rows, _, g, _ in placed:
+        row_max[rows] = _row_max(g, dtype)  # blocks never share a row
+    all_reduce(row_max, "max")
+    row_max = torch.where(row_max > 0, row_max, 1.0)[:, None]
+    for rows, _, g, b in placed:
+        torch.div(g, row_max[rows], out=b).square_()
+
+    def row_sumsq(c2):
+        total = torch.zeros(row_at[-1], dtype=dtype, device=device)
+        for rows, cols, _, b in placed:
+            total[rows] += b @ c2[cols]
+        all_reduce(total, "sum")
+        return total
+
+    def col_sumsq(r2):
+        total = torch.zeros(col_at[-1], dtype=dtype, device=device)
+        for rows, cols, _, b in placed:
+            total[cols] += r2[rows] @ b
+        all_reduce(total, "sum")
+        return total
+
+    r, c = _sinkhorn_scalings(row_sumsq, col_sumsq, ms, ns, num_iters, dtype)
+    for rows, cols, g, b in placed:
+        torch.div(g, row_max[rows], out=b).mul_(r[rows, None]).mul_(c[cols])
+    return outs
+
+
+# --------------------------------------------------------------------------------------------------
+# Alg. 4 (SinkGD) and the paper's parameter split.
+
+
+class SinkGD(torch.optim.Optimizer):
+    """Alg. 4. Groups with sinkgd=True hold 2-D matrices and keep no state:
+        W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
+    Groups with sinkgd=False are stepped by torch's own AdamW (embedding, norms and head in the paper).
+
+    A non-finite gradient raises FloatingPointError before any weight is touched."""
+
+    def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+        defaults = dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps,
+                        weight_decay=weight_decay, sinkgd=sinkgd)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
+        if group["sinkgd"] and not_matrices:
+            raise ValueError(f"SinkGD groups take 2-D matrices only, got shapes {not_matrices}; put "
+                             "them in a group with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
+            raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
+        for group in self.param_groups:
+            if group["sinkgd"]:
+                self._sinkgd_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _sinkgd_step(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            update = sr_sinkhorn(p.grad, group["sinkhorn_iters"])
+            self._apply(p, update, group)
+
+    @staticmethod
+    def _apply(p: Tensor, update: Tensor, group: dict) -> None:
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as in AdamW
+        p.add_(update, alpha=-group["lr"])
+
+    def _adamw_step(self, group: dict) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:  # the same state layout as torch.optim.AdamW
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def sinkgd_param_groups(model: nn.Module, blocks: nn.Module, lr: float, alpha: float = 0.05,
+                        weight_decay: float = 0.0) -> list[dict]:
+    """The paper's split: SinkGD, at lr alpha * lr, on the weight of every nn.Linear inside `blocks`
+    (the transformer layers: attention q/k/v/o and MLP gate/up/down); AdamW, at lr, on all other
+    parameters (token embedding, RMSNorm weights, output head). Chosen by module role, not by
+    dim() == 2: the embedding and the head are matrices too, and they belong to AdamW."""
+    matrices = [m.weight for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    chosen = {id(p) for p in matrices}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    if not chosen <= {id(p) for p in model.parameters()}:
+        raise ValueError("sinkgd_param_groups: `blocks` must be a submodule of `model`")
+    return [dict(params=matrices, sinkgd=True, lr=alpha * lr, weight_decay=weight_decay),
+            dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
