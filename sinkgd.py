@@ -12,6 +12,7 @@ arXiv 2502.06742. Algorithm numbers below are the paper's.
 - `SinkGD` (Alg. 4) is a thin, stateless optimizer around it, with AdamW for the parameter groups
   flagged `sinkgd=False` (embedding, norms, head), and `sinkgd_param_groups` builds the paper's split.
 """
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -93,14 +94,15 @@ def _unit_max(v: Tensor, lengths: Tensor) -> Tensor:
 
 
 def _sinkhorn_scalings(row_sumsq: Callable[[Tensor], Tensor], col_sumsq: Callable[[Tensor], Tensor],
-                       ms: Tensor, ns: Tensor, num_iters: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                       ms: list[int], ns: list[int], num_iters: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """The (r, c) of Alg. 3 after num_iters iterations, for one or more matrices whose scaling
     vectors are stacked end to end (ms, ns: their row and column counts; for a single matrix these
     are just r and c). row_sumsq(v) returns G^2 @ v and col_sumsq(u) returns u @ G^2, per matrix."""
-    num_rows, num_cols = int(ms.sum()), int(ns.sum())
-    n_of_row = ns.repeat_interleave(ms, output_size=num_rows).to(dtype)
-    m_of_col = ms.repeat_interleave(ns, output_size=num_cols).to(dtype)
-    c = torch.ones(num_cols, dtype=dtype, device=ms.device)
+    ms, ns = torch.tensor(ms), torch.tensor(ns)
+    n_of_row = ns.repeat_interleave(ms).to(like)  # the n of the matrix that each row belongs to
+    m_of_col = ms.repeat_interleave(ns).to(like)
+    ms, ns = ms.to(like.device), ns.to(like.device)
+    c = torch.ones_like(m_of_col)
     for _ in range(num_iters):
         c = _unit_max(c, ns)
         r = _unit_max(_inv_sqrt(row_sumsq(c * c) / n_of_row), ms)  # rows of X to norm sqrt(n)
@@ -108,25 +110,20 @@ def _sinkhorn_scalings(row_sumsq: Callable[[Tensor], Tensor], col_sumsq: Callabl
     return r, c
 
 
-def _row_max(block: Tensor, dtype: torch.dtype) -> Tensor:
-    """max_j |G_ij| per row. Row i is divided by it first: that changes nothing, since rows are
-    normalised first, but puts every entry in [-1, 1] so squaring a large finite value can't overflow."""
-    return torch.linalg.vector_norm(block, ord=math.inf, dim=1, dtype=dtype)
-
-
 def sr_sinkhorn(grad: Tensor, num_iters: int = 5) -> Tensor:
     """Alg. 3: alternately rescale the rows of G (m x n) to l2 norm sqrt(n) and its columns to l2 norm
     sqrt(m), num_iters times, ending on the columns. Returns a new float32 (float64 if G is) matrix."""
     if grad.dim() != 2:
         raise ValueError(f"sr_sinkhorn expects a 2-D matrix, got shape {tuple(grad.shape)}")
-    dtype = _work_dtype(grad)
-    row_max = _row_max(grad, dtype)
+    # The only matrix-sized buffer: (G / row_max)^2 while iterating, then the result. Dividing row i
+    # by its largest |entry| changes nothing (rows are normalised first) but keeps the squares <= 1:
+    # a large finite gradient cannot overflow.
+    buf = torch.empty(grad.shape, dtype=_work_dtype(grad), device=grad.device)
+    row_max = buf.copy_(grad).abs_().amax(dim=1)
     row_max = torch.where(row_max > 0, row_max, 1.0)[:, None]
-    # The only matrix-sized buffer: (G / row_max)^2 while iterating, then the result.
-    buf = torch.div(grad, row_max, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
-    buf.square_()
-    shape = torch.tensor(grad.shape, device=grad.device)
-    r, c = _sinkhorn_scalings(lambda v: buf @ v, lambda u: u @ buf, shape[:1], shape[1:], num_iters, dtype)
+    buf.div_(row_max).square_()
+    m, n = grad.shape
+    r, c = _sinkhorn_scalings(lambda v: buf @ v, lambda u: u @ buf, [m], [n], num_iters, like=buf)
     return torch.div(grad, row_max, out=buf).mul_(r[:, None]).mul_(c)
 
 
@@ -169,23 +166,23 @@ def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
     place over the ranks, op being "sum" or "max". Returns each fragment's part of the result, flat."""
     dtype = _work_dtype(fragments[0].grad)
     device = fragments[0].grad.device
-    ms = torch.tensor([f.shape[0] for f in fragments], device=device)
-    ns = torch.tensor([f.shape[1] for f in fragments], device=device)
-    row_at = [0] + ms.cumsum(0).tolist()  # where each matrix's rows start in the stacked vectors
-    col_at = [0] + ns.cumsum(0).tolist()
+    ms, ns = [f.shape[0] for f in fragments], [f.shape[1] for f in fragments]
+    row_at = [0, *itertools.accumulate(ms)]  # where each matrix's rows start in the stacked vectors
+    col_at = [0, *itertools.accumulate(ns)]
     outs = [torch.empty(f.grad.shape, dtype=dtype, device=device) for f in fragments]
     # (stacked rows, stacked columns, gradient block, buffer block) for every block held here
     placed = [(slice(row_at[k] + i, row_at[k] + i + g.shape[0]), slice(col_at[k] + j, col_at[k] + j + g.shape[1]), g, b)
               for k, (f, out) in enumerate(zip(fragments, outs))
               for (i, j, g), (_, _, b) in zip(_blocks(f.grad, f.start, f.shape[1]), _blocks(out, f.start, f.shape[1]))]
 
+    # (G / row_max)^2 into the output buffers, as in sr_sinkhorn, with the row maxima over all ranks.
     row_max = torch.zeros(row_at[-1], dtype=dtype, device=device)
-    for rows, _, g, _ in placed:
-        row_max[rows] = _row_max(g, dtype)  # blocks never share a row
+    for rows, _, g, b in placed:
+        row_max[rows] = b.copy_(g).abs_().amax(dim=1)  # blocks never share a row
     all_reduce(row_max, "max")
     row_max = torch.where(row_max > 0, row_max, 1.0)[:, None]
-    for rows, _, g, b in placed:
-        torch.div(g, row_max[rows], out=b).square_()
+    for rows, _, _, b in placed:
+        b.div_(row_max[rows]).square_()
 
     def row_sumsq(c2):
         total = torch.zeros(row_at[-1], dtype=dtype, device=device)
@@ -201,7 +198,7 @@ def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
         all_reduce(total, "sum")
         return total
 
-    r, c = _sinkhorn_scalings(row_sumsq, col_sumsq, ms, ns, num_iters, dtype)
+    r, c = _sinkhorn_scalings(row_sumsq, col_sumsq, ms, ns, num_iters, like=row_max)
     for rows, cols, g, b in placed:
         torch.div(g, row_max[rows], out=b).mul_(r[rows, None]).mul_(c[cols])
     return outs
@@ -243,7 +240,8 @@ class SinkGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
+        # max |g| over all gradients is finite iff every entry is (a max cannot overflow; NaN propagates)
+        if grads and not torch.nn.utils.get_total_norm(grads, norm_type=math.inf).isfinite():
             raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
         for group in self.param_groups:
             if group["sinkgd"]:
