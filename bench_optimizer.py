@@ -7,11 +7,11 @@ Every optimizer updates the same matrices (attention q/k/v/o, MLP gate/up/down: 
 owns in the paper's split) from the same gradients. Step times are medians over interleaved repeats,
 reported as ratios to torch.optim.AdamW measured in the same run. Memory: persistent = optimizer state
 bytes; transient = peak extra memory during a step beyond weights, grads and state (CUDA: allocator
-peak; CPU: peak RSS of a fresh subprocess per optimizer, so it is coarser).
+peak; CPU: peak RSS of a fresh subprocess per optimizer, page-granular).
 """
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -87,31 +87,33 @@ def time_steps(config_name, device, repeats, names):
     return {name: statistics.median(ts) for name, ts in times.items()}, params
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def memory_of(config_name, name, device):
-    """(persistent state bytes, transient peak bytes) of two steps of one optimizer."""
+    """(persistent state bytes, transient peak bytes beyond weights, grads and state) of one step,
+    after a warm-up step that allocates the state and initialises the libraries."""
     params = block_matrices(config_name, device)
     opt = OPTIMIZERS[name](params)
+    opt.step()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         opt.step()
-        opt.step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated()
     else:
-        # ru_maxrss is the peak so far; building the params above was it, so the growth is the step's
-        base = max(rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        # Peak RSS since a reset (Linux: clear_refs 5 resets VmHWM). The parent runs this in a child
+        # whose malloc maps every large block on its own, so a freed tensor leaves RSS at once.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = proc_status_bytes("VmRSS")
         opt.step()
-        opt.step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    persistent = state_bytes(opt)
-    return persistent, max(peak - persistent, 0)
+        peak = proc_status_bytes("VmHWM")
+    return state_bytes(opt), max(peak - base, 0)
 
 
 def main():
@@ -141,7 +143,8 @@ def main():
                 persistent, transient = memory_of(config_name, name, args.device)
             else:
                 out = subprocess.run([sys.executable, __file__, "--memory_of", config_name, name,
-                                      "--device", args.device], capture_output=True, text=True, check=True)
+                                      "--device", args.device], capture_output=True, text=True, check=True,
+                                     env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"})
                 persistent, transient = json.loads(out.stdout)
             print(f"| {name} | {times[name] * 1e3:.1f} | {times[name] / times[BASELINE]:.2f}x | "
                   f"{persistent / 2**20:.0f} | {transient / 2**20:.1f} | {transient / largest:.2f} |")

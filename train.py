@@ -42,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
+    adam_eps: float = 1e-8
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     # batch: batch_size sequences of seq_len tokens per step, as micro-batches x accumulation
     batch_size: int = 512
@@ -98,7 +99,9 @@ def parse_config(argv: list[str]) -> TrainConfig:
         arg = args.pop(0)
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options are --key value")
-        key, _, value = arg[2:].partition("=")
+        key, equals, value = arg[2:].partition("=")
+        if equals and not value:
+            raise ConfigError(f"--{key}= needs a value")
         if key not in types:
             raise ConfigError(f"unknown option --{key}; valid options: {', '.join('--' + k for k in types)}")
         if not value:
@@ -174,15 +177,17 @@ class TokenLoader:
         return self._order
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the next global batch: (inputs, targets), each (batch/world, seq_len)."""
+        """This rank's share of the next global batch: (inputs, targets), each (batch/world, seq_len).
+        A batch never spans two epochs (the last partial batch of an epoch is dropped), so no window
+        appears twice in it."""
+        if batch_size > len(self.order()):
+            raise prepare_c4.ShardError(f"train shards hold {len(self.order())} windows of {self.window} "
+                                        f"tokens, fewer than one batch of {batch_size}")
+        if self.position + batch_size > len(self.order()):
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        picked = self.order()[self.position:self.position + batch_size]
+        self.position += batch_size
         per_rank = batch_size // self.world_size
-        picked = []
-        while len(picked) < batch_size:
-            take = min(batch_size - len(picked), len(self.order()) - self.position)
-            picked.extend(self.order()[self.position:self.position + take])
-            self.position += take
-            if self.position == len(self.order()):
-                self.epoch, self.position, self._order = self.epoch + 1, 0, None
         rows = [self.read_window(w) for w in picked[self.rank * per_rank:(self.rank + 1) * per_rank]]
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
         return tokens[:, :-1], tokens[:, 1:]
@@ -216,10 +221,11 @@ def validation_windows(shards: list[np.ndarray], seq_len: int, budget: int) -> n
 def build_optimizer(cfg: TrainConfig, model: Llama) -> torch.optim.Optimizer:
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay)
     groups = sinkgd_param_groups(model, model.model.layers, lr=cfg.lr, alpha=cfg.alpha,
                                  weight_decay=cfg.weight_decay)
-    return SinkGD(groups, lr=cfg.lr, sinkhorn_iters=cfg.sinkhorn_iters, betas=betas)
+    return SinkGD(groups, lr=cfg.lr, sinkhorn_iters=cfg.sinkhorn_iters, betas=betas, eps=cfg.adam_eps)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -338,7 +344,11 @@ def load_latest_checkpoint(out_dir: Path) -> dict | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate()[1]}
+    """Every RNG, as tensors and plain Python values, so the checkpoint loads with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -346,8 +356,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"], 0, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -412,8 +424,6 @@ def train(cfg: TrainConfig) -> dict:
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     # DeepSpeed casts the model to bf16 itself; a single device uses autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not use_deepspeed)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -425,6 +435,8 @@ def train(cfg: TrainConfig) -> dict:
         train_shards, val_shards = open_data(cfg)
     loader = TokenLoader(train_shards, cfg.seq_len, cfg.seed, rank, world_size)
     val_windows = validation_windows(val_shards, cfg.seq_len, cfg.eval_tokens)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     model = Llama(CONFIGS[cfg.model]).to(device)
     n_params = model.num_params()

@@ -1,0 +1,128 @@
+"""`train.py` under DeepSpeed ZeRO with 2 CPU ranks over gloo equals single-process training.
+
+Each case launches real processes (torchrun), so this file takes a few minutes on 2 cores.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+
+import prepare_c4  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# 8 sequences per step: 2 ranks x micro-batch 2 x accumulation 2 (single process: 2 x 4).
+# Adam's eps is raised from 1e-8: a gradient entry that is ~1e-10 only by cancellation differs between
+# summation orders by as much as itself, and Adam turns that into lr * noise / eps, a visible step.
+# At 1e-5 that amplification stays below fp32 noise, so what the test sees is the ZeRO logic.
+ARGS = ["--adam_eps", "1e-5", "--preset", "llama_tiny", "--seq_len", "32", "--batch_size", "8", "--micro_batch_size", "2",
+        "--max_steps", "3", "--warmup_frac", "0.34", "--eval_interval", "3", "--eval_tokens", "330",
+        "--log_interval", "1", "--ckpt_interval", "3", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    prepare_c4.write_shard(path / "train_000000.bin", rng.integers(0, 50257, 20_000, dtype=np.uint16))
+    prepare_c4.write_shard(path / "val_000000.bin", rng.integers(0, 50257, 2_000, dtype=np.uint16))
+    return path
+
+
+def run(args, out_dir, ranks=None, extra_env=None):
+    if ranks:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                    f"--master_port={port}", "--master_addr=127.0.0.1"]
+    else:
+        launcher = [sys.executable]
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (extra_env or {})
+    proc = subprocess.run(launcher + [str(ROOT / "train.py"), *args, "--out_dir", str(out_dir)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def ds_config(tmp_path, stage, **zero):
+    path = tmp_path / f"ds_stage{stage}.json"
+    config = json.loads((ROOT / "ds_config.json").read_text())
+    config["zero_optimization"] = {"stage": stage, **zero}
+    path.write_text(json.dumps(config))
+    return path
+
+
+def deepspeed_weights(out_dir, stage, tag):
+    if stage == 0:
+        states = torch.load(out_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return states["module"]
+    return get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=tag)
+
+
+def assert_same_training(metrics, weights, ref_metrics, ref_weights, tol):
+    assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics]
+    for m, r in zip(metrics, ref_metrics):
+        for key in ("train_loss", "val_loss", "lr"):
+            if key in r:
+                assert abs(m[key] - r[key]) <= tol * abs(r[key]), (key, m, r)
+    assert weights.keys() == ref_weights.keys()
+    for name, ref in ref_weights.items():
+        got = weights[name].float()
+        assert got.shape == ref.shape, name
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel < tol, f"{name}: relative difference {rel:.2e}"
+
+
+@pytest.fixture(scope="module")
+def single_process(data_dir, tmp_path_factory):
+    """Reference runs, one per optimizer, computed once."""
+    cache = {}
+
+    def get(optimizer):
+        if optimizer not in cache:
+            out = tmp_path_factory.mktemp(f"single_{optimizer}")
+            metrics = run(ARGS + ["--data_dir", str(data_dir), "--optimizer", optimizer], out)
+            weights = torch.load(out / "ckpt_00000003.pt", weights_only=True)["model"]
+            cache[optimizer] = metrics, weights
+        return cache[optimizer]
+    return get
+
+
+@pytest.mark.parametrize("optimizer", ["sinkgd", "adamw"])
+@pytest.mark.parametrize("stage,zero", [(0, {}), (1, {}), (2, {}), (2, {"round_robin_gradients": True}),
+                                        (3, {"sub_group_size": 2_000_000})],
+                         ids=["stage0", "stage1", "stage2", "stage2-round-robin", "stage3-subgroups"])
+def test_zero_equals_single_process(stage, zero, optimizer, data_dir, single_process, tmp_path):
+    if optimizer == "adamw" and zero.get("round_robin_gradients"):
+        pytest.skip("the round-robin layout only matters to SinkGD's fragments")
+    config = ds_config(tmp_path, stage, **zero)
+    metrics = run(ARGS + ["--data_dir", str(data_dir), "--optimizer", optimizer, "--deepspeed_config", str(config)],
+                  tmp_path / "out", ranks=2)
+    weights = deepspeed_weights(tmp_path / "out", stage, "step_00000003")
+    assert_same_training(metrics, weights, *single_process(optimizer), tol=1e-5)
+
+
+def test_deepspeed_checkpoint_resumes_identically(data_dir, tmp_path):
+    config = ds_config(tmp_path, 2)
+    args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--max_steps", "4",
+                   "--ckpt_interval", "2", "--eval_interval", "2", "--keep_checkpoints", "5"]
+    straight = run(args, tmp_path / "straight", ranks=2)
+    # Lose the last checkpoint, as a crash after step 2's save would.
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "step_00000004")
+    (tmp_path / "resumed" / "latest").write_text("step_00000002")
+    resumed = run(args + ["--resume"], tmp_path / "resumed", ranks=2)
+    losses = lambda metrics: [(m["step"], m["train_loss"], m.get("val_loss")) for m in metrics]
+    assert losses(resumed) == losses(straight)
+    assert_same_training(resumed, deepspeed_weights(tmp_path / "resumed", 2, "step_00000004"),
+                         straight, deepspeed_weights(tmp_path / "straight", 2, "step_00000004"), tol=1e-7)
