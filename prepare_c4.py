@@ -338,7 +338,8 @@ def expand_inputs(inputs) -> list[Path]:
 
 
 def stdlib_docstrings():
-    """Yield one document per standard-library module: its module, class and function docstrings.
+    """Yield one document per standard-library module (its module, class and function docstrings),
+    then one per topic of the language reference that pydoc carries.
 
     English prose that every Python installation has, so the demo needs no download.
     """
@@ -356,6 +357,11 @@ def stdlib_docstrings():
                 node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
             if text := "\n\n".join(filter(None, docstrings)):
                 yield text
+    try:  # the language reference's topics, as pydoc shows them (absent from some distro builds)
+        from pydoc_data.topics import topics
+    except ImportError:
+        return
+    yield from (topics[key] for key in sorted(topics))
 
 
 # ---------------------------------------------------------------- tokenise and write

@@ -110,21 +110,26 @@ def _sinkhorn_scalings(row_sumsq: Callable[[Tensor], Tensor], col_sumsq: Callabl
     return r, c
 
 
-def sr_sinkhorn(grad: Tensor, num_iters: int = 5) -> Tensor:
+def _row_max(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """max_j |G_ij| per row, as a column. Row i is divided by it before squaring: that changes nothing,
+    since rows are normalised first, but keeps every square <= 1 so a large finite gradient cannot
+    overflow. A row whose entries are all below float32's smallest normal (~1e-38) counts as zero."""
+    row_max = torch.maximum(grad.amax(dim=1), -grad.amin(dim=1)).to(dtype)
+    return torch.where(row_max >= torch.finfo(dtype).tiny, row_max, math.inf)[:, None]
+
+
+def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
     """Alg. 3: alternately rescale the rows of G (m x n) to l2 norm sqrt(n) and its columns to l2 norm
-    sqrt(m), num_iters times, ending on the columns. Returns a new float32 (float64 if G is) matrix."""
+    sqrt(m), num_iters times, ending on the columns. Returns a float32 matrix (float64 if G is),
+    written into `out` when given: the only matrix-sized memory it uses."""
     if grad.dim() != 2:
         raise ValueError(f"sr_sinkhorn expects a 2-D matrix, got shape {tuple(grad.shape)}")
-    # The only matrix-sized buffer: (G / row_max)^2 while iterating, then the result. Dividing row i
-    # by its largest |entry| changes nothing (rows are normalised first) but keeps the squares <= 1:
-    # a large finite gradient cannot overflow.
-    buf = torch.empty(grad.shape, dtype=_work_dtype(grad), device=grad.device)
-    row_max = buf.copy_(grad).abs_().amax(dim=1)
-    row_max = torch.where(row_max > 0, row_max, 1.0)[:, None]
-    buf.div_(row_max).square_()
     m, n = grad.shape
+    buf = torch.empty((m, n), dtype=_work_dtype(grad), device=grad.device) if out is None else out
+    row_max = _row_max(grad, buf.dtype)
+    torch.div(grad, row_max, out=buf).square_()  # (G / row_max)^2 while iterating, then the result
     r, c = _sinkhorn_scalings(lambda v: buf @ v, lambda u: u @ buf, [m], [n], num_iters, like=buf)
-    return torch.div(grad, row_max, out=buf).mul_(r[:, None]).mul_(c)
+    return torch.mul(grad, r[:, None] / row_max, out=buf).mul_(c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,12 +182,12 @@ def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
 
     # (G / row_max)^2 into the output buffers, as in sr_sinkhorn, with the row maxima over all ranks.
     row_max = torch.zeros(row_at[-1], dtype=dtype, device=device)
-    for rows, _, g, b in placed:
-        row_max[rows] = b.copy_(g).abs_().amax(dim=1)  # blocks never share a row
+    for rows, _, g, _ in placed:
+        row_max[rows] = torch.maximum(g.amax(dim=1), -g.amin(dim=1))  # blocks never share a row
     all_reduce(row_max, "max")
-    row_max = torch.where(row_max > 0, row_max, 1.0)[:, None]
-    for rows, _, _, b in placed:
-        b.div_(row_max[rows]).square_()
+    row_max = torch.where(row_max >= torch.finfo(dtype).tiny, row_max, math.inf)[:, None]
+    for rows, _, g, b in placed:
+        torch.div(g, row_max[rows], out=b).square_()
 
     def row_sumsq(c2):
         total = torch.zeros(row_at[-1], dtype=dtype, device=device)
@@ -200,7 +205,7 @@ def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
 
     r, c = _sinkhorn_scalings(row_sumsq, col_sumsq, ms, ns, num_iters, like=row_max)
     for rows, cols, g, b in placed:
-        torch.div(g, row_max[rows], out=b).mul_(r[rows, None]).mul_(c[cols])
+        torch.mul(g, r[rows, None] / row_max[rows], out=b).mul_(c[cols])
     return outs
 
 
@@ -208,12 +213,29 @@ def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
 # Alg. 4 (SinkGD) and the paper's parameter split.
 
 
+@dataclass
+class FlatLayout:
+    """Where the matrices of a parameter group lie in one rank's flat partition of it (ZeRO 1-3 hand the
+    optimizer such partitions). One entry per matrix of the group, in the same order on every rank:
+    (shape, first element of the matrix held here, offset in the flat tensor, elements held)."""
+    matrices: list[tuple[tuple[int, int], int, int, int]]
+    process_group: object = None  # the ranks sharing the group; None: the default group
+
+
+def _all_reduce(t: Tensor, op: str, group=None) -> None:
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+    torch.distributed.all_reduce(t, op=ops[op], group=group)
+
+
 class SinkGD(torch.optim.Optimizer):
     """Alg. 4. Groups with sinkgd=True hold 2-D matrices and keep no state:
         W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
     Groups with sinkgd=False are stepped by torch's own AdamW (embedding, norms and head in the paper).
 
-    A non-finite gradient raises FloatingPointError before any weight is touched."""
+    A non-finite gradient raises FloatingPointError before any weight is touched.
+
+    Under ZeRO, a SinkGD group arrives as one flat partition per rank; `flat_layouts[id(flat)]` then says
+    which matrix elements it holds, and SR-Sinkhorn runs on those fragments (sr_sinkhorn_sharded)."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True):
@@ -224,6 +246,7 @@ class SinkGD(torch.optim.Optimizer):
         defaults = dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps,
                         weight_decay=weight_decay, sinkgd=sinkgd)
         super().__init__(params, defaults)
+        self.flat_layouts: dict[int, FlatLayout] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -239,9 +262,16 @@ class SinkGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        # max |g| over all gradients is finite iff every entry is (a max cannot overflow; NaN propagates)
-        if grads and not torch.nn.utils.get_total_norm(grads, norm_type=math.inf).isfinite():
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # every entry is finite iff each gradient's max and min are (NaN propagates through both, and
+        # unlike a norm they cannot overflow); two fast reductions, where an inf-norm is ~20x slower
+        extremes = [x for p in params for x in (p.grad.amax(), p.grad.amin()) if p.grad.numel()]
+        bad = ~torch.stack(extremes).isfinite().all() if extremes else torch.tensor(False)
+        layouts = [self.flat_layouts[id(p)] for p in params if id(p) in self.flat_layouts]
+        if layouts:  # every rank must take the same decision, or the others hang in an all-reduce
+            bad = bad.float()
+            _all_reduce(bad, "max", layouts[0].process_group)
+        if bad:
             raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
         for group in self.param_groups:
             if group["sinkgd"]:
@@ -251,11 +281,25 @@ class SinkGD(torch.optim.Optimizer):
         return loss
 
     def _sinkgd_step(self, group: dict) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            update = sr_sinkhorn(p.grad, group["sinkhorn_iters"])
+        params = [p for p in group["params"] if p.grad is not None]
+        whole = [p for p in params if id(p) not in self.flat_layouts]
+        if whole:  # one buffer the size of the largest matrix, reused matrix after matrix
+            workspace = torch.empty(max(p.numel() for p in whole), dtype=_work_dtype(whole[0].grad),
+                                    device=whole[0].device)
+        for p in whole:
+            update = sr_sinkhorn(p.grad, group["sinkhorn_iters"], out=workspace[:p.numel()].view(p.shape))
             self._apply(p, update, group)
+        for p in params:
+            if id(p) in self.flat_layouts:
+                self._sharded_step(p, self.flat_layouts[id(p)], group)
+
+    def _sharded_step(self, flat: Tensor, layout: FlatLayout, group: dict) -> None:
+        fragments = [Fragment(flat.grad[offset:offset + count], start, shape)
+                     for shape, start, offset, count in layout.matrices]
+        updates = sr_sinkhorn_sharded(fragments, group["sinkhorn_iters"],
+                                      lambda t, op: _all_reduce(t, op, layout.process_group))
+        for (_, _, offset, count), update in zip(layout.matrices, updates):
+            self._apply(flat[offset:offset + count], update, group)
 
     @staticmethod
     def _apply(p: Tensor, update: Tensor, group: dict) -> None:

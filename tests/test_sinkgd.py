@@ -84,8 +84,8 @@ def test_keeps_signs():
 def test_vectors_come_out_as_signs():
     # 1 x n: each column has one entry, normalised to |1|; m x 1 likewise after the row step.
     g = uneven(1, 8)
-    assert torch.equal(sr_sinkhorn(g), torch.sign(g))
-    assert torch.equal(sr_sinkhorn(g.T), torch.sign(g.T))
+    torch.testing.assert_close(sr_sinkhorn(g), torch.sign(g), rtol=1e-15, atol=0)
+    torch.testing.assert_close(sr_sinkhorn(g.T), torch.sign(g.T), rtol=1e-15, atol=0)
 
 
 def test_zero_rows_and_columns_stay_zero():
