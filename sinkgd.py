@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
 # --------------------------------------------------------------------------------------------------
-# Alg. 1 (MultiNorm) and its instances, plainly. Each projection costs a full pass over the matrix.
+# Alg. 1 (MultiNorm) and its instances, plainly. Each projection costs a full pass over the matrix:
+#   SR-Sinkhorn = multinorm(G, [normalize_rows, normalize_columns], L)   O(mn) per iteration
+#   SWAN        = multinorm(G, [standardize_rows, whiten], 1)            O(min(m,n)^2 max(m,n)) per NS step
 
 
 def multinorm(grad: Tensor, projections: list[Callable[[Tensor], Tensor]], num_iters: int) -> Tensor:
@@ -110,12 +112,16 @@ def _sinkhorn_scalings(row_sumsq: Callable[[Tensor], Tensor], col_sumsq: Callabl
     return r, c
 
 
-def _row_max(grad: Tensor, dtype: torch.dtype) -> Tensor:
-    """max_j |G_ij| per row, as a column. Row i is divided by it before squaring: that changes nothing,
-    since rows are normalised first, but keeps every square <= 1 so a large finite gradient cannot
-    overflow. A row whose entries are all below float32's smallest normal (~1e-38) counts as zero."""
-    row_max = torch.maximum(grad.amax(dim=1), -grad.amin(dim=1)).to(dtype)
-    return torch.where(row_max >= torch.finfo(dtype).tiny, row_max, math.inf)[:, None]
+def _abs_row_max(block: Tensor) -> Tensor:
+    """max_j |G_ij| per row, without a temporary the size of the block."""
+    return torch.maximum(block.amax(dim=1), -block.amin(dim=1))
+
+
+def _divisor(row_max: Tensor) -> Tensor:
+    """Row i is divided by its largest |entry| before squaring: that changes nothing, since rows are
+    normalised first, but keeps every square <= 1 so a large finite gradient cannot overflow. A row
+    whose entries are all below the smallest normal float (~1e-38 in float32) counts as zero."""
+    return torch.where(row_max >= torch.finfo(row_max.dtype).tiny, row_max, math.inf)[:, None]
 
 
 def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
@@ -126,7 +132,7 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> 
         raise ValueError(f"sr_sinkhorn expects a 2-D matrix, got shape {tuple(grad.shape)}")
     m, n = grad.shape
     buf = torch.empty((m, n), dtype=_work_dtype(grad), device=grad.device) if out is None else out
-    row_max = _row_max(grad, buf.dtype)
+    row_max = _divisor(_abs_row_max(grad).to(buf.dtype))
     torch.div(grad, row_max, out=buf).square_()  # (G / row_max)^2 while iterating, then the result
     r, c = _sinkhorn_scalings(lambda v: buf @ v, lambda u: u @ buf, [m], [n], num_iters, like=buf)
     return torch.mul(grad, r[:, None] / row_max, out=buf).mul_(c)
@@ -175,17 +181,20 @@ def sr_sinkhorn_sharded(fragments: list[Fragment], num_iters: int,
     row_at = [0, *itertools.accumulate(ms)]  # where each matrix's rows start in the stacked vectors
     col_at = [0, *itertools.accumulate(ns)]
     outs = [torch.empty(f.grad.shape, dtype=dtype, device=device) for f in fragments]
-    # (stacked rows, stacked columns, gradient block, buffer block) for every block held here
-    placed = [(slice(row_at[k] + i, row_at[k] + i + g.shape[0]), slice(col_at[k] + j, col_at[k] + j + g.shape[1]), g, b)
-              for k, (f, out) in enumerate(zip(fragments, outs))
-              for (i, j, g), (_, _, b) in zip(_blocks(f.grad, f.start, f.shape[1]), _blocks(out, f.start, f.shape[1]))]
+    # Every block held here, with where its rows and columns sit in the stacked vectors, the gradient
+    # block, and the same block of the output buffer (which holds (G / row_max)^2 until the end).
+    placed = []
+    for k, (f, out) in enumerate(zip(fragments, outs)):
+        for (i, j, g), (_, _, b) in zip(_blocks(f.grad, f.start, f.shape[1]), _blocks(out, f.start, f.shape[1])):
+            rows = slice(row_at[k] + i, row_at[k] + i + g.shape[0])
+            cols = slice(col_at[k] + j, col_at[k] + j + g.shape[1])
+            placed.append((rows, cols, g, b))
 
-    # (G / row_max)^2 into the output buffers, as in sr_sinkhorn, with the row maxima over all ranks.
     row_max = torch.zeros(row_at[-1], dtype=dtype, device=device)
     for rows, _, g, _ in placed:
-        row_max[rows] = torch.maximum(g.amax(dim=1), -g.amin(dim=1))  # blocks never share a row
+        row_max[rows] = _abs_row_max(g)  # blocks never share a row
     all_reduce(row_max, "max")
-    row_max = torch.where(row_max >= torch.finfo(dtype).tiny, row_max, math.inf)[:, None]
+    row_max = _divisor(row_max)
     for rows, _, g, b in placed:
         torch.div(g, row_max[rows], out=b).square_()
 
@@ -267,10 +276,9 @@ class SinkGD(torch.optim.Optimizer):
         # unlike a norm they cannot overflow); two fast reductions, where an inf-norm is ~20x slower
         extremes = [x for p in params for x in (p.grad.amax(), p.grad.amin()) if p.grad.numel()]
         bad = ~torch.stack(extremes).isfinite().all() if extremes else torch.tensor(False)
-        layouts = [self.flat_layouts[id(p)] for p in params if id(p) in self.flat_layouts]
-        if layouts:  # every rank must take the same decision, or the others hang in an all-reduce
+        if self.flat_layouts:  # sharded: every rank must decide alike, or the others hang in a collective
             bad = bad.float()
-            _all_reduce(bad, "max", layouts[0].process_group)
+            _all_reduce(bad, "max", next(iter(self.flat_layouts.values())).process_group)
         if bad:
             raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
         for group in self.param_groups:
