@@ -63,6 +63,7 @@ def ds_config(tmp_path, stage, **zero):
 
 
 def deepspeed_weights(out_dir, stage, tag):
+    """The model's weights as DeepSpeed saved them (stage 0), or the fp32 master weights (ZeRO 1-3)."""
     if stage == 0:
         states = torch.load(out_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return states["module"]
@@ -126,3 +127,17 @@ def test_deepspeed_checkpoint_resumes_identically(data_dir, tmp_path):
     assert losses(resumed) == losses(straight)
     assert_same_training(resumed, deepspeed_weights(tmp_path / "resumed", 2, "step_00000004"),
                          straight, deepspeed_weights(tmp_path / "straight", 2, "step_00000004"), tol=1e-7)
+
+
+def test_bf16_tracks_the_fp32_run(data_dir, single_process, tmp_path):
+    config = ds_config(tmp_path, 2)
+    metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--dtype", "bfloat16"],
+                  tmp_path / "out", ranks=2)
+    ref_metrics, _ = single_process("sinkgd")
+    for m, r in zip(metrics, ref_metrics):
+        assert m["step"] == r["step"]
+        assert abs(m["train_loss"] - r["train_loss"]) < 0.02 * r["train_loss"]  # bf16 keeps ~3 digits
+    module = deepspeed_weights(tmp_path / "out", 0, "step_00000003")  # the bf16 weights the model ran with
+    assert {w.dtype for w in module.values()} == {torch.bfloat16}
+    weights = deepspeed_weights(tmp_path / "out", 2, "step_00000003")  # the fp32 master weights
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
