@@ -20,7 +20,7 @@ import time
 import torch
 
 from model import CONFIGS
-from sinkgd import SinkGD, sr_sinkhorn, swan
+from sinkgd import SinkGD, swan
 
 
 class SWAN(torch.optim.Optimizer):

@@ -3,11 +3,12 @@
     python train.py                                        # offline demo: tiny LLaMA, CPython docstrings
     python train.py --preset llama_60m --data_dir data/c4  # the paper's 60M recipe on one GPU
     python train.py --preset llama_60m --optimizer adamw --lr 1e-3
-    python train.py --out_dir out/demo --resume            # continue from the newest good checkpoint
+    python train.py --out_dir out/demo --resume            # continue from the newest intact checkpoint
     deepspeed --num_gpus 8 train.py --preset llama_1b --deepspeed_config ds_config.json
 
 Options are the fields of TrainConfig, given as --key value; --preset picks a starting point.
 """
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,9 @@ class TrainConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # a step whose loss or gradient is not finite is skipped (no weight, optimizer or schedule update; the
+    # data moves on) up to this many times in a run; one more stops the run. 0: stop at the first.
+    max_bad_steps: int = 0
     # batch: batch_size sequences of seq_len tokens per step, as micro-batches x accumulation
     batch_size: int = 512
     micro_batch_size: int = 32
@@ -145,6 +149,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           f"{cfg.micro_batch_size} x {world_size} rank(s)")
     if cfg.max_steps < 1 or cfg.sinkhorn_iters < 1:
         raise ConfigError("--max_steps and --sinkhorn_iters must be >= 1")
+    if cfg.max_bad_steps < 0:
+        raise ConfigError(f"--max_bad_steps must be >= 0, got {cfg.max_bad_steps}")
     if Path(cfg.out_dir).resolve() == Path.cwd().resolve():
         raise ConfigError("--out_dir must not be the current directory: checkpoints are pruned there")
 
@@ -267,7 +273,32 @@ def deepspeed_engine(cfg: TrainConfig, model, optimizer, scheduler, use_bf16: bo
                                            config=ds_config)
     if isinstance(optimizer, SinkGD):
         optimizer.flat_layouts = zero_flat_layouts(engine)
+    if engine.optimizer is optimizer:  # stage 0 in fp32: no DeepSpeed optimizer wrapper checks the gradient
+        skip_nonfinite_steps(optimizer)
+    engine.checkpoint_engine.load = load_deepspeed_file
     return engine
+
+
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Make optimizer.step a no-op on a non-finite gradient and set optimizer.overflow, as DeepSpeed's ZeRO
+    and bf16 optimizers do; the engine then skips the lr schedule too and was_step_applied() is False."""
+    step = optimizer.step
+
+    def step_if_finite(*args, **kwargs):
+        optimizer.overflow = not grads_are_finite(p for group in optimizer.param_groups for p in group["params"])
+        if not optimizer.overflow:
+            return step(*args, **kwargs)
+    optimizer.step = step_if_finite
+
+
+def load_deepspeed_file(path: str, map_location=None):
+    """DeepSpeed 0.19.8 loads its checkpoint files with torch.load(weights_only=False), which runs whatever
+    code a crafted file holds. Load them as data instead, allowing only the DeepSpeed classes they contain."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def zero_flat_layouts(engine) -> dict[int, FlatLayout]:
@@ -305,7 +336,41 @@ def zero_flat_layouts(engine) -> dict[int, FlatLayout]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary name, fsynced, renamed; the newest that loads is resumed.
+# Checkpoints. A file is written under a temporary name, fsynced and renamed, so a crash leaves the old
+# file or the whole new one. A DeepSpeed checkpoint is a directory that every rank writes into; it counts
+# only once rank 0 has written its manifest (the sha256 of every file), after all ranks have finished.
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and deletions in a directory durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(f) into path's temporary twin, fsync, rename over path. On an error the twin is removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_error(path: Path, error: Exception) -> str:
+    """One line on a failed checkpoint write, with the free space: a full disk is the usual cause."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    free_mib = shutil.disk_usage(path.parent).free / 2**20
+    return (f"could not write checkpoint {path} ({reason}; {free_mib:.0f} MiB free there); "
+            "earlier checkpoints are intact")
 
 
 def checkpoint_paths(out_dir: Path) -> list[Path]:
@@ -314,32 +379,72 @@ def checkpoint_paths(out_dir: Path) -> list[Path]:
 
 def save_checkpoint(out_dir: Path, step: int, state: dict, keep: int) -> Path:
     path = out_dir / f"ckpt_{step:08d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: torch.save(state, f))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write checkpoint {path} ({e.strerror}); earlier checkpoints are intact") from e
-    dir_fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    for old in checkpoint_paths(out_dir)[:-keep]:
+        raise OSError(write_error(path, e)) from e
+    for old in checkpoint_paths(out_dir)[:-keep] + list(out_dir.glob("ckpt_*.pt.tmp")):  # .tmp: a killed save
         old.unlink()
     return path
 
 
 def load_latest_checkpoint(out_dir: Path) -> dict | None:
-    for path in reversed(checkpoint_paths(out_dir)):
+    paths = checkpoint_paths(out_dir)
+    for path in reversed(paths):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a torn or corrupt file: say so, fall back to the one before
+        except Exception as e:  # a corrupt file: say so, fall back to the one before
             print(f"warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
+    if paths:  # starting afresh would overwrite them
+        raise ConfigError(f"none of the {len(paths)} checkpoints in {out_dir} can be read; move them elsewhere "
+                          "to start afresh")
+    return None
+
+
+MANIFEST = "manifest.json"
+
+
+def durable_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # DeepSpeed does not fsync what it writes
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def commit_deepspeed_checkpoint(tag_dir: Path, keep: int) -> None:
+    """Rank 0, once every rank has written tag_dir: the manifest makes it resumable; then DeepSpeed's `latest`
+    (read by its own tools, e.g. zero_to_fp32.py) and pruning to the newest `keep` committed checkpoints."""
+    digests = {p.name: durable_sha256(p) for p in sorted(tag_dir.iterdir()) if p.name != MANIFEST}
+    write_atomically(tag_dir / MANIFEST, lambda f: f.write(json.dumps(digests, indent=1).encode()))
+    write_atomically(tag_dir.parent / "latest", lambda f: f.write(tag_dir.name.encode()))
+    committed = [d.name for d in sorted(tag_dir.parent.glob("step_*")) if (d / MANIFEST).exists()]
+    oldest_kept = committed[-keep:][0]
+    for old in sorted(tag_dir.parent.glob("step_*")):
+        if old.name < oldest_kept:
+            (old / MANIFEST).unlink(missing_ok=True)  # first, so a deletion cut short leaves no complete-looking tag
+            shutil.rmtree(old)
+
+
+def newest_intact_deepspeed_tag(out_dir: Path) -> str | None:
+    """The newest step_* directory whose files all match its manifest; the others are reported. None if no
+    save ever finished; an error if some did but none is intact, as starting afresh would overwrite them."""
+    committed = 0
+    for tag_dir in sorted(out_dir.glob("step_*"), reverse=True):
+        if not (tag_dir / MANIFEST).exists():
+            print(f"warning: skipping incomplete checkpoint {tag_dir} (its save did not finish)", file=sys.stderr)
+            continue
+        committed += 1
+        try:
+            expected = json.loads((tag_dir / MANIFEST).read_text())
+            damaged = [name for name, digest in expected.items() if durable_sha256(tag_dir / name) != digest]
+            if not damaged:
+                return tag_dir.name
+            problem = f"{', '.join(damaged)} differ from {MANIFEST}"
+        except (OSError, ValueError) as e:
+            problem = str(e)
+        print(f"warning: skipping corrupt checkpoint {tag_dir}: {problem}", file=sys.stderr)
+    if committed:
+        raise ConfigError(f"none of the {committed} checkpoints in {out_dir} is intact; move them elsewhere to "
+                          "start afresh")
     return None
 
 
@@ -372,6 +477,22 @@ def memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+def rss_mib() -> float | None:
+    """Resident memory now (the peak alone cannot show slow growth over a long run); None off Linux."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return None
+
+
+def grads_are_finite(params) -> bool:
+    """NaN and inf survive max and min, which (unlike a norm) cannot overflow on a large finite gradient."""
+    extremes = [x.float() for p in params if p.grad is not None and p.grad.numel()
+                for x in (p.grad.amax(), p.grad.amin())]
+    return bool(torch.stack(extremes).isfinite().all())
 
 
 def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
@@ -427,6 +548,10 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    if not cfg.resume and (checkpoint_paths(out_dir) or list(out_dir.glob("step_*"))):
+        raise ConfigError(f"{out_dir} holds the checkpoints of an earlier run: pass --resume to continue it, "
+                          "or choose another --out_dir")
 
     if main_rank or not use_deepspeed:
         train_shards, val_shards = open_data(cfg)  # rank 0 builds the demo shards if missing
@@ -435,7 +560,6 @@ def train(cfg: TrainConfig) -> dict:
         train_shards, val_shards = open_data(cfg)
     loader = TokenLoader(train_shards, cfg.seq_len, cfg.seed, rank, world_size)
     val_windows = validation_windows(val_shards, cfg.seq_len, cfg.eval_tokens)
-    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = Llama(CONFIGS[cfg.model]).to(device)
@@ -443,30 +567,39 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     engine = deepspeed_engine(cfg, model, optimizer, scheduler, use_bf16) if use_deepspeed else None
-    step, resumed = 0, None
+    resumed = None
     if cfg.resume and engine is not None:
-        _, resumed = engine.load_checkpoint(str(out_dir))
-        if resumed is not None:
-            loader.load_state_dict(resumed["loader"])
-            step = resumed["step"]
+        tag = [newest_intact_deepspeed_tag(out_dir) if main_rank else None]
+        dist.broadcast_object_list(tag, src=0)  # every rank loads the tag that rank 0 verified
+        if tag[0] is not None:
+            _, resumed = engine.load_checkpoint(str(out_dir), tag=tag[0])
     elif cfg.resume:
         resumed = load_latest_checkpoint(out_dir)
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
-            loader.load_state_dict(resumed["loader"])
-            set_rng_state(resumed["rng"])
-            step = resumed["step"]
+    # nonfinite_steps: the steps skipped for a non-finite loss or gradient (DeepSpeed's checkpoints already
+    # hold a "skipped_steps" of their own)
+    step, nonfinite_steps = 0, []
+    if resumed is not None:
+        loader.load_state_dict(resumed["loader"])
+        set_rng_state(resumed["rng"])
+        step, nonfinite_steps = resumed["step"], resumed["nonfinite_steps"]
     if main_rank and cfg.resume:
         print(f"resumed from step {step}" if resumed is not None else f"no checkpoint in {out_dir}: starting afresh")
     forward = engine if engine is not None else torch.compile(model) if cfg.compile else model
 
     metrics_path = out_dir / "metrics.jsonl"
     if main_rank:  # keep what was logged up to the resumed step, drop what the lost steps logged
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if resumed is not None and metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in metrics_path.read_text().splitlines() if resumed is not None and metrics_path.exists() else []:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by a crash
+                pass
+        write_atomically(metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     if main_rank:
@@ -481,17 +614,21 @@ def train(cfg: TrainConfig) -> dict:
                          for k, v in record.items() if k != "time"), flush=True)
 
     def save(step: int) -> None:
-        if engine is not None:
-            engine.save_checkpoint(str(out_dir), tag=f"step_{step:08d}",
-                                   client_state={"loader": loader.state_dict(), "step": step})
-            dist.barrier()
+        state = {"loader": loader.state_dict(), "rng": rng_state(), "step": step, "nonfinite_steps": nonfinite_steps}
+        if engine is not None:  # DeepSpeed saves the model, optimizer and schedule; state rides along
+            tag_dir = out_dir / f"step_{step:08d}"
+            if main_rank:  # saving a tag again (after a resume from an older one): incomplete until committed
+                (tag_dir / MANIFEST).unlink(missing_ok=True)
+            try:
+                engine.save_checkpoint(str(out_dir), tag=tag_dir.name, client_state=state, save_latest=False)
+            except (OSError, RuntimeError) as e:  # torch reports a failed write to a path as a RuntimeError
+                raise OSError(write_error(tag_dir, e)) from e
             if main_rank:
-                for old in sorted(out_dir.glob("step_*"))[:-cfg.keep_checkpoints]:
-                    shutil.rmtree(old)
+                commit_deepspeed_checkpoint(tag_dir, cfg.keep_checkpoints)
+            dist.barrier()
         else:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                     "step": step, "config": asdict(cfg)}
+            state |= {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "config": asdict(cfg)}
             save_checkpoint(out_dir, step, state, cfg.keep_checkpoints)
 
     result = {}
@@ -506,29 +643,41 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum += loss.detach().float() / accumulation
             if micro == accumulation - 1:  # before the backward that ends in an optimizer step
                 loss_sum = all_ranks_sum(loss_sum) / world_size
-                if not math.isfinite(loss_sum.item()):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}; weights not updated. "
-                                             "Resume from the last checkpoint with a lower --lr")
+                loss_is_finite = math.isfinite(loss_sum.item())
+                if engine is not None and not loss_is_finite:
+                    loss = loss * math.nan  # a non-finite gradient: DeepSpeed skips the step on every rank
             if engine is not None:
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer and schedule after the last micro-batch
             else:
                 (loss / accumulation).backward()
         if engine is None:
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=True)
-            optimizer.step()
-            scheduler.step()
+            step_applied = loss_is_finite and grads_are_finite(model.parameters())
+            if step_applied:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        else:
+            step_applied = engine.was_step_applied()
         step += 1
         tokens_since += tokens_per_step
 
         record = None
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if not step_applied:
+            nonfinite_steps.append(step)
+            problem = f"non-finite {'loss' if not loss_is_finite else 'gradient'} at step {step}"
+            if len(nonfinite_steps) > cfg.max_bad_steps:
+                raise FloatingPointError(f"{problem} ({len(nonfinite_steps)} such step(s), --max_bad_steps "
+                                         f"{cfg.max_bad_steps}); weights not updated and the last checkpoint is "
+                                         "intact: resume from it with a lower --lr")
+            record = {"step": step, "skipped": problem, "nonfinite_steps": len(nonfinite_steps)}
+        elif step % cfg.log_interval == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - t_last
             record = {"step": step, "train_loss": loss_sum.item(), "lr": lr,
                       "tokens_per_sec": tokens_since / elapsed, "memory_mib": memory_mib(device),
-                      "time": time.time()}
+                      "rss_mib": rss_mib(), "time": time.time()}
             t_last, tokens_since = time.perf_counter(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate(forward, val_windows, cfg.micro_batch_size, device, autocast)

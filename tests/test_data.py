@@ -6,7 +6,6 @@ import json
 import random
 import re
 import shutil
-import sys
 import threading
 import types
 from collections import Counter
@@ -16,9 +15,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # repo root: flat layout, no package
-import prepare_c4  # noqa: E402
-from prepare_c4 import (EOT_TOKEN, PrepareError, ShardError, download, gpt2_encoding,  # noqa: E402
+import prepare_c4
+from prepare_c4 import (EOT_TOKEN, PrepareError, ShardError, download, gpt2_encoding,
                         main, open_shard, prepare_demo, prepare_files, shard_paths, write_shard)
 
 C4_SAMPLE = REPO.parent / "shared/data/c4-sample.00000-of-00001.json.gz"

@@ -5,21 +5,16 @@ Each case launches real processes (torchrun), so this file takes a few minutes o
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
-import prepare_c4  # noqa: E402
+from common import REPO, launcher, read_metrics  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 # 8 sequences per step: 2 ranks x micro-batch 2 x accumulation 2 (single process: 2 x 4).
 # Adam's eps is raised from 1e-8: a gradient entry that is ~1e-10 only by cancellation differs between
 # summation orders by as much as itself, and Adam turns that into lr * noise / eps, a visible step.
@@ -29,34 +24,17 @@ ARGS = ["--adam_eps", "1e-5", "--preset", "llama_tiny", "--seq_len", "32", "--ba
         "--log_interval", "1", "--ckpt_interval", "3", "--dtype", "float32"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    prepare_c4.write_shard(path / "train_000000.bin", rng.integers(0, 50257, 20_000, dtype=np.uint16))
-    prepare_c4.write_shard(path / "val_000000.bin", rng.integers(0, 50257, 2_000, dtype=np.uint16))
-    return path
-
-
 def run(args, out_dir, ranks=None, extra_env=None):
-    if ranks:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                    f"--master_port={port}", "--master_addr=127.0.0.1"]
-    else:
-        launcher = [sys.executable]
     env = os.environ | {"OMP_NUM_THREADS": "1"} | (extra_env or {})
-    proc = subprocess.run(launcher + [str(ROOT / "train.py"), *args, "--out_dir", str(out_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launcher(ranks) + [str(REPO / "train.py"), *args, "--out_dir", str(out_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out_dir)
 
 
 def ds_config(tmp_path, stage, **zero):
     path = tmp_path / f"ds_stage{stage}.json"
-    config = json.loads((ROOT / "ds_config.json").read_text())
+    config = json.loads((REPO / "ds_config.json").read_text())
     config["zero_optimization"] = {"stage": stage, **zero}
     path.write_text(json.dumps(config))
     return path

@@ -1,15 +1,11 @@
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: flat layout, no package
-from model import CONFIGS, Llama, LlamaConfig, apply_rotary_emb, flops_per_token  # noqa: E402
+from model import CONFIGS, Llama, LlamaConfig, apply_rotary_emb, flops_per_token
 
 TINY = CONFIGS["llama_tiny"]
 # small enough for float64 references to be instant

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests that launch and compare training runs."""
+import json
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launcher(ranks: int | None) -> list[str]:
+    """The command prefix for one process, or for `ranks` DeepSpeed ranks under torchrun on a free port."""
+    if not ranks:
+        return [sys.executable]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+            f"--master_port={port}", "--master_addr=127.0.0.1"]
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def deterministic(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """The fields of each record that a rerun must reproduce (not time, throughput or memory)."""
+    return [{k: r[k] for k in keys if k in r} for r in records]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    """Nested dicts, lists and tensors equal bit for bit, dtypes included."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
