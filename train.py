@@ -614,7 +614,8 @@ def train(cfg: TrainConfig) -> dict:
                          for k, v in record.items() if k != "time"), flush=True)
 
     def save(step: int) -> None:
-        state = {"loader": loader.state_dict(), "rng": rng_state(), "step": step, "nonfinite_steps": nonfinite_steps}
+        state = {"loader": loader.state_dict(), "rng": rng_state(), "step": step, "nonfinite_steps": nonfinite_steps,
+                 "config": asdict(cfg)}
         if engine is not None:  # DeepSpeed saves the model, optimizer and schedule; state rides along
             tag_dir = out_dir / f"step_{step:08d}"
             if main_rank:  # saving a tag again (after a resume from an older one): incomplete until committed
@@ -628,7 +629,7 @@ def train(cfg: TrainConfig) -> dict:
             dist.barrier()
         else:
             state |= {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "config": asdict(cfg)}
+                      "scheduler": scheduler.state_dict()}
             save_checkpoint(out_dir, step, state, cfg.keep_checkpoints)
 
     result = {}
@@ -678,7 +679,6 @@ def train(cfg: TrainConfig) -> dict:
             record = {"step": step, "train_loss": loss_sum.item(), "lr": lr,
                       "tokens_per_sec": tokens_since / elapsed, "memory_mib": memory_mib(device),
                       "rss_mib": rss_mib(), "time": time.time()}
-            t_last, tokens_since = time.perf_counter(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate(forward, val_windows, cfg.micro_batch_size, device, autocast)
             record = (record or {"step": step}) | {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
@@ -687,6 +687,8 @@ def train(cfg: TrainConfig) -> dict:
             log(record)
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             save(step)
+        if record is not None and "tokens_per_sec" in record:  # restart the clock after eval and save
+            t_last, tokens_since = time.perf_counter(), 0
     return result
 
 
