@@ -16,8 +16,8 @@ of an all-gather, the input of a reduce-scatter. "ring B/rank" converts them to 
 with ring algorithms (all-reduce 2(p-1)/p, all-gather and reduce-scatter (p-1)/p of the buffer).
 
 Expected: under ZeRO 1-3 SinkGD's step all-reduces, per flat partition of its matrices, the row
-maxima (m floats each) and then, per Sinkhorn iteration, the m- and n-length partial sums, plus one
-4-byte finiteness flag: 4 * ((L + 1) * sum(m) + L * sum(n) + flags) bytes. AdamW's step sends nothing.
+maxima (m floats each) and then, per Sinkhorn iteration, the m- and n-length partial sums, plus a
+4-byte finiteness flag per flat partition stepped: 4 * ((L + 1) * sum(m) + L * sum(n) + flags) bytes. AdamW's step sends nothing.
 At stage 0 gradients arrive whole, so SinkGD adds nothing. The "predicted" column is this formula.
 """
 import argparse
@@ -217,7 +217,10 @@ def measure(args, optimizer_name: str, stage: int, config_path: str, device) -> 
             print(f"warning: ranks disagree on bytes/step: {-spread[1].item():.0f} .. {spread[0].item():.0f}",
                   file=sys.stderr)
 
-    flags = len(optimizer.flat_layouts) if isinstance(optimizer, SinkGD) else 0
+    # one finiteness flag per flat partition handed to step(), the AdamW group's included
+    zo = engine.optimizer
+    partitions = getattr(zo, "single_partition_of_fp32_groups", None) or getattr(zo, "fp32_partitioned_groups_flat", [])
+    flags = len(partitions) if isinstance(optimizer, SinkGD) and optimizer.flat_layouts else 0
     shapes = sinkgd_shapes(model)
     engine.destroy()
     del engine, optimizer, scheduler, model
