@@ -25,6 +25,7 @@ fails, so a directory holds a complete set of shards or none.
 import argparse
 import ast
 import gzip
+import hashlib
 import http.client
 import importlib.util
 import itertools
@@ -192,7 +193,11 @@ def download(url: str, dest, attempts: int = 5, backoff_s: float = 2.0) -> Path:
     part = dest.with_name(dest.name + ".part")
     for attempt in range(1, attempts + 1):
         try:
-            _fetch_into(url, part)
+            expected_sha256 = _fetch_into(url, part)
+            if expected_sha256 and _sha256(part) != expected_sha256:
+                part.unlink()
+                raise PrepareError(f"download of {url} does not match the sha256 the server gave; "
+                                   "it was deleted, run again")
             os.replace(part, dest)
             return dest
         except urllib.error.HTTPError as e:
@@ -208,19 +213,40 @@ def download(url: str, dest, attempts: int = 5, backoff_s: float = 2.0) -> Path:
     raise PrepareError(f"download of {url} failed after {attempts} attempts: {error!r}")
 
 
-def _fetch_into(url: str, part: Path) -> None:
-    """One attempt: append the rest of url to part; raise if the body ends short."""
+def _linked_sha256(headers) -> str | None:
+    """Hugging Face serves a Git LFS file through a redirect whose X-Linked-Etag is the file's sha256."""
+    etag = (headers.get("X-Linked-Etag") or "").strip().strip('"')
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+class _LinkedSha256Recorder(urllib.request.HTTPRedirectHandler):
+    sha256 = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.sha256 = _linked_sha256(headers) or self.sha256
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fetch_into(url: str, part: Path) -> str | None:
+    """One attempt: append the rest of url to part; raise if the body ends short. Returns the file's
+    sha256 when the server gave one."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    recorder = _LinkedSha256Recorder()
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.build_opener(recorder).open(request, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code != 416:
             raise
         # Range Not Satisfiable: either part is already complete (stopped before the rename)
         # or the remote file changed; in the latter case start again.
         if _content_range(e.headers.get("Content-Range", ""))[1] == have:
-            return
+            return recorder.sha256 or _linked_sha256(e.headers)
         part.unlink()
         raise ConnectionError(f"{part.name} does not match the remote file; restarting") from e
     with response, open(part, "ab" if have else "wb") as f:
@@ -248,6 +274,7 @@ def _fetch_into(url: str, part: Path) -> None:
             print()  # end the progress line
     if total is not None and have != total:
         raise ConnectionError(f"connection closed after {have} of {total} bytes")
+    return recorder.sha256 or _linked_sha256(response.headers)
 
 
 def _content_range(header: str) -> tuple[int | None, int | None]:

@@ -1,5 +1,6 @@
 """Data pipeline: offline GPT-2 encoding, shard format, C4 preparation, download resume, demo corpus."""
 import gzip
+import hashlib
 import http.server
 import importlib.util
 import json
@@ -208,9 +209,10 @@ def test_too_many_corrupt_lines_is_an_error(tmp_path):
 class RangeServer(http.server.ThreadingHTTPServer):
     """Serves one payload on loopback with Range support; can cut the first response short."""
 
-    def __init__(self, payload, cut_first_response_at=None, honour_range=True):
+    def __init__(self, payload, cut_first_response_at=None, honour_range=True, linked_sha256=None):
         super().__init__(("127.0.0.1", 0), RangeHandler)
         self.payload, self.cut_at, self.honour_range = payload, cut_first_response_at, honour_range
+        self.linked_sha256 = linked_sha256  # like Hugging Face: /resolve/... redirects with the LFS sha256
         self.range_headers = []
 
     def url(self, name):
@@ -224,6 +226,12 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         server.range_headers.append(range_header)
         if self.path == "/missing":
             return self.send_error(404)
+        if self.path.startswith("/resolve/"):
+            self.send_response(302)
+            self.send_header("Location", "/blob")
+            self.send_header("X-Linked-Etag", f'"{server.linked_sha256}"')
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1]) if range_header and server.honour_range else 0
         if start >= size > 0:
             self.send_response(416)
@@ -284,6 +292,16 @@ def test_download_of_complete_part_just_renames(tmp_path, serve):
     server = serve(PAYLOAD)
     (tmp_path / "c4.json.gz.part").write_bytes(PAYLOAD)  # stopped between the last byte and the rename
     assert download(server.url("f"), tmp_path / "c4.json.gz", backoff_s=0).read_bytes() == PAYLOAD
+
+
+def test_download_is_checked_against_the_sha256_the_server_gives(tmp_path, serve):
+    good = serve(PAYLOAD, cut_first_response_at=100_000, linked_sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    dest = download(good.url("resolve/c4.json.gz"), tmp_path / "good.json.gz", backoff_s=0)
+    assert dest.read_bytes() == PAYLOAD  # resumed, then verified as a whole
+    bad = serve(PAYLOAD, linked_sha256="0" * 64)
+    with pytest.raises(PrepareError, match="does not match the sha256"):
+        download(bad.url("resolve/c4.json.gz"), tmp_path / "bad.json.gz", backoff_s=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.json.gz"]  # nothing corrupt left behind
 
 
 def test_download_http_error_fails_without_retrying(tmp_path, serve):
