@@ -236,6 +236,15 @@ def _all_reduce(t: Tensor, op: str, group=None) -> None:
     torch.distributed.all_reduce(t, op=ops[op], group=group)
 
 
+def grads_finite(params) -> Tensor:
+    """Whether every gradient entry is finite, as a bool tensor. Checked through each gradient's max and
+    min: NaN propagates through both and, unlike a norm, they cannot overflow on a large finite gradient;
+    two fast reductions, where an inf-norm is ~20x slower on CPU."""
+    extremes = [x.float() for p in params if p.grad is not None and p.grad.numel()
+                for x in (p.grad.amax(), p.grad.amin())]
+    return torch.stack(extremes).isfinite().all() if extremes else torch.tensor(True)
+
+
 class SinkGD(torch.optim.Optimizer):
     """Alg. 4. Groups with sinkgd=True hold 2-D matrices and keep no state:
         W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
@@ -271,11 +280,7 @@ class SinkGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        # every entry is finite iff each gradient's max and min are (NaN propagates through both, and
-        # unlike a norm they cannot overflow); two fast reductions, where an inf-norm is ~20x slower
-        extremes = [x for p in params for x in (p.grad.amax(), p.grad.amin()) if p.grad.numel()]
-        bad = ~torch.stack(extremes).isfinite().all() if extremes else torch.tensor(False)
+        bad = ~grads_finite(p for group in self.param_groups for p in group["params"])
         if self.flat_layouts:  # sharded: every rank must decide alike, or the others hang in a collective
             bad = bad.float()
             _all_reduce(bad, "max", next(iter(self.flat_layouts.values())).process_group)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import prepare_c4
 from model import CONFIGS, Llama
-from sinkgd import FlatLayout, SinkGD, sinkgd_param_groups
+from sinkgd import FlatLayout, SinkGD, grads_finite, sinkgd_param_groups
 
 
 @dataclass
@@ -285,7 +285,7 @@ def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
     step = optimizer.step
 
     def step_if_finite(*args, **kwargs):
-        optimizer.overflow = not grads_are_finite(p for group in optimizer.param_groups for p in group["params"])
+        optimizer.overflow = not grads_finite(p for group in optimizer.param_groups for p in group["params"])
         if not optimizer.overflow:
             return step(*args, **kwargs)
     optimizer.step = step_if_finite
@@ -488,13 +488,6 @@ def rss_mib() -> float | None:
         return None
 
 
-def grads_are_finite(params) -> bool:
-    """NaN and inf survive max and min, which (unlike a norm) cannot overflow on a large finite gradient."""
-    extremes = [x.float() for p in params if p.grad is not None and p.grad.numel()
-                for x in (p.grad.amax(), p.grad.amin())]
-    return bool(torch.stack(extremes).isfinite().all())
-
-
 def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -653,7 +646,7 @@ def train(cfg: TrainConfig) -> dict:
             else:
                 (loss / accumulation).backward()
         if engine is None:
-            step_applied = loss_is_finite and grads_are_finite(model.parameters())
+            step_applied = loss_is_finite and bool(grads_finite(model.parameters()))
             if step_applied:
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
