@@ -20,7 +20,8 @@ Shard format, little-endian: a 32-byte header, then the tokens as uint16.
         32    2*N  tokens (uint16)
 
 A run first deletes the shards already in --out_dir, and deletes the ones it wrote if it
-fails, so a directory holds a complete set of shards or none.
+fails, so a directory holds a complete set of shards or none. `open_shard` validates a shard
+before use, and `TokenLoader` draws train.py's batches from them.
 """
 import argparse
 import ast
@@ -46,8 +47,11 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from checkpoint import write_atomically
 
 MAGIC = b"SINKGDTK"
 FORMAT_VERSION = 1
@@ -107,24 +111,11 @@ def write_shard(path, tokens: np.ndarray) -> None:
     """Write a shard atomically: a crash leaves the old file or the complete new one."""
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ValueError(f"shard tokens must be a 1-D uint16 array, got {tokens.dtype} {tokens.shape}")
-    path = Path(path)
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, VOCAB_SIZE, EOT_TOKEN, 0, len(tokens))
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: os.replace is atomic
-    try:
-        with open(tmp_path, "wb") as f:
-            f.write(header)
-            f.write(memoryview(np.ascontiguousarray(tokens, dtype="<u2")))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def write(f):
+        f.write(HEADER.pack(MAGIC, FORMAT_VERSION, VOCAB_SIZE, EOT_TOKEN, 0, len(tokens)))
+        f.write(memoryview(np.ascontiguousarray(tokens, dtype="<u2")))
+    write_atomically(Path(path), write)
 
 
 def open_shard(path) -> np.memmap:
@@ -168,10 +159,75 @@ def shard_paths(data_dir, split: str) -> list[Path]:
     return paths
 
 
+def open_splits(data_dir) -> tuple[list[np.memmap], list[np.memmap]]:
+    """The validated train and val shards of data_dir."""
+    return tuple([open_shard(p) for p in shard_paths(data_dir, split)] for split in SPLITS)
+
+
 def _remove_shards(out_dir: Path) -> None:
     for split in SPLITS:
         for path in out_dir.glob(f"{split}_{'[0-9]' * 6}.bin"):
             path.unlink()
+
+
+# ---------------------------------------------------------------- reading shards for training
+
+class TokenLoader:
+    """Shuffled windows of seq_len + 1 tokens from the train shards, epoch after epoch.
+
+    The order is a permutation seeded by (seed, epoch), so a run is reproducible and its position is two integers.
+    Each global batch is the next batch_size windows; rank r of world_size takes its own contiguous share of them,
+    so ranks never see the same window in a step. Batches come in pinned memory for a GPU to copy asynchronously."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
+        self.shards, self.window, self.seed = shards, seq_len + 1, seed
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self.first_window = np.cumsum([0] + [len(s) // self.window for s in shards])  # where each shard starts
+        if self.first_window[-1] == 0:
+            raise ShardError(f"train shards hold fewer than {self.window} tokens")
+        self.epoch, self.position, self._order = 0, 0, None
+
+    def order(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(int(self.first_window[-1]))
+        return self._order
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch: (inputs, targets), each (batch/world, seq_len). A batch never
+        spans two epochs (the last partial batch of an epoch is dropped), so no window appears twice in it."""
+        if batch_size > len(self.order()):
+            raise ShardError(f"train shards hold {len(self.order())} windows of {self.window} tokens, "
+                                        f"fewer than one batch of {batch_size}")
+        if self.position + batch_size > len(self.order()):
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        picked = self.order()[self.position:self.position + batch_size]
+        self.position += batch_size
+        per_rank = batch_size // self.world_size
+        rows = [self.read_window(w) for w in picked[self.rank * per_rank:(self.rank + 1) * per_rank]]
+        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+        tokens = tokens.pin_memory() if self.pin_memory else tokens
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def read_window(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.first_window, index, side="right")) - 1
+        start = (index - self.first_window[shard]) * self.window
+        return self.shards[shard][start:start + self.window]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+
+
+def validation_windows(shards: list[np.ndarray], seq_len: int, budget: int) -> np.ndarray:
+    """The first `budget` tokens of the val shards as (seq_len + 1)-token windows, in order."""
+    window = seq_len + 1
+    rows = [s[i:i + window] for s in shards for i in range(0, len(s) - window + 1, window)][:max(1, budget // window)]
+    if not rows:
+        raise ShardError(f"val shards hold fewer than {window} tokens")
+    return np.stack(rows).astype(np.int64)
 
 
 # ---------------------------------------------------------------- download

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import model as model_module
 import prepare_c4
 import train
+import zero
 from common import REPO, assert_same_tensors, deterministic, launcher, load_ckpt, read_metrics
 
 TEST_MODEL = "llama_test_crash"
@@ -100,14 +102,14 @@ def install_faults(env):
         return
 
     if "KILL_AT_BATCH" in env:
-        next_batch, calls = train.TokenLoader.next_batch, [0]
+        next_batch, calls = prepare_c4.TokenLoader.next_batch, [0]
 
         def next_batch_or_die(self, batch_size):
             calls[0] += 1
             if calls[0] == int(env["KILL_AT_BATCH"]):
                 kill_self()
             return next_batch(self, batch_size)
-        train.TokenLoader.next_batch = next_batch_or_die
+        prepare_c4.TokenLoader.next_batch = next_batch_or_die
 
     if "KILL_IN_SAVE" in env:
         save = torch.save
@@ -242,7 +244,7 @@ def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path)
     killed = launch(args, out_dir, ranks=2,
                     faults={"KILL_IN_SAVE": "step_00000006", "KILL_RANK": "1", "KILL_DELAY_S": "3"})
     assert killed.returncode != 0
-    assert (out_dir / "step_00000006").is_dir() and not (out_dir / "step_00000006" / train.MANIFEST).exists()
+    assert (out_dir / "step_00000006").is_dir() and not (out_dir / "step_00000006" / checkpoint.MANIFEST).exists()
     assert (out_dir / "latest").read_text() == "step_00000004"
     # and step 4's, complete, has since lost a byte on disk
     damaged = sorted((out_dir / "step_00000004").glob("*optim_states.pt"))[0]
@@ -260,12 +262,15 @@ def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path)
 
 
 @needs_deepspeed
-def test_deepspeed_skips_a_nonfinite_gradient_at_stage_0(data_dir, tmp_path):
-    """At stage 0 in fp32 DeepSpeed hands the gradient straight to our optimizer: AdamW must not see NaN."""
-    from test_deepspeed import deepspeed_weights, ds_config
-    args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(ds_config(tmp_path, 0)),
-                   "--micro_batch_size", "2", "--max_steps", "4", "--ckpt_interval", "4", "--optimizer", "adamw",
-                   "--lr", "1e-3", "--max_bad_steps", "1"]
+@pytest.mark.parametrize("stage, optimizer", [(0, "adamw"), (0, "sinkgd"), (1, "sinkgd"), (2, "sinkgd"), (3, "sinkgd")])
+def test_deepspeed_skips_a_nonfinite_gradient(stage, optimizer, data_dir, tmp_path):
+    """At stage 0 in fp32 DeepSpeed hands the gradient straight to our optimizer, which skips the step; at ZeRO 1-3
+    DeepSpeed's ZeRO optimizer skips it. Either way: no weight, state or schedule change, on every rank."""
+    from test_deepspeed import ds_config
+    from tools.export_hf import load_weights
+    args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(ds_config(tmp_path, stage)),
+                   "--micro_batch_size", "2", "--max_steps", "4", "--ckpt_interval", "1", "--keep_checkpoints", "5",
+                   "--optimizer", optimizer, "--lr", "1e-3", "--max_bad_steps", "1"]
     proc = launch(args, tmp_path / "out", ranks=2, faults={"NAN_GRAD_STEPS": "2"})
     assert proc.returncode == 0, proc.stderr_text[-3000:]
     metrics = read_metrics(tmp_path / "out")
@@ -274,8 +279,10 @@ def test_deepspeed_skips_a_nonfinite_gradient_at_stage_0(data_dir, tmp_path):
     schedule = train.TrainConfig(max_steps=4, warmup_frac=0.25)
     assert metrics[2]["lr"] == pytest.approx(1e-3 * train.lr_factor(schedule, 1))  # step 2 left the schedule alone
     assert all(math.isfinite(m["train_loss"]) for m in metrics if "skipped" not in m)
-    weights = deepspeed_weights(tmp_path / "out", 0, "step_00000004")
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    weights = [load_weights(tmp_path / "out" / f"step_{s:08d}")[0] for s in (1, 2, 3)]
+    assert_same_tensors(weights[1], weights[0])  # step 2 changed nothing
+    assert not torch.equal(weights[2]["lm_head.weight"], weights[1]["lm_head.weight"])
+    assert all(torch.isfinite(w).all() for w in weights[2].values())
 
 
 @needs_deepspeed
@@ -286,7 +293,7 @@ def test_deepspeed_files_load_as_data_only(tmp_path):
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "payload": RunsCode()}, path)
     with pytest.raises(pickle.UnpicklingError):
-        train.load_deepspeed_file(str(path))
+        zero.load_deepspeed_file(str(path))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -330,7 +337,7 @@ def test_nonfinite_step_stops_the_run_before_the_weights_change(poisoned, optimi
                                "not updated and the last checkpoint is intact: resume from it with a lower --lr")
     assert capsys.readouterr().err == ""
     assert [r["step"] for r in read_metrics(out_dir)] == [1, 2, 3, 4, 5]
-    assert [p.name for p in train.checkpoint_paths(out_dir)] == ["ckpt_00000005.pt"]
+    assert [p.name for p in checkpoint.checkpoint_paths(out_dir)] == ["ckpt_00000005.pt"]
     weights = llama.instances[0].state_dict()  # what step 6 left in memory: still step 5's weights
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert_same_tensors(weights, load_ckpt(out_dir / "ckpt_00000005.pt")["model"])

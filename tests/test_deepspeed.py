@@ -14,6 +14,8 @@ pytest.importorskip("deepspeed")
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 from common import REPO, launcher, read_metrics  # noqa: E402
+from model import CONFIGS, Llama  # noqa: E402
+from tools import export_hf  # noqa: E402
 
 # 8 sequences per step: 2 ranks x micro-batch 2 x accumulation 2 (single process: 2 x 4).
 # Adam's eps is raised from 1e-8: a gradient entry that is ~1e-10 only by cancellation differs between
@@ -32,9 +34,9 @@ def run(args, out_dir, ranks=None, extra_env=None):
     return read_metrics(out_dir)
 
 
-def ds_config(tmp_path, stage, **zero):
+def ds_config(tmp_path, stage, extra=None, **zero):
     path = tmp_path / f"ds_stage{stage}.json"
-    config = json.loads((REPO / "ds_config.json").read_text())
+    config = json.loads((REPO / "ds_config.json").read_text()) | (extra or {})
     config["zero_optimization"] = {"stage": stage, **zero}
     path.write_text(json.dumps(config))
     return path
@@ -111,15 +113,32 @@ def test_deepspeed_checkpoint_resumes_identically(data_dir, tmp_path):
                          straight, deepspeed_weights(tmp_path / "straight", 2, "step_00000004"), tol=1e-7)
 
 
-def test_bf16_tracks_the_fp32_run(data_dir, single_process, tmp_path):
-    config = ds_config(tmp_path, 2)
+# bf16 under DeepSpeed at every stage that keeps fp32 master weights in a different place: stage 0 (its fp16/bf16
+# optimizer), ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer), ZeRO-1/2 otherwise (the ZeRO optimizer).
+BF16_CASES = {"stage0": (0, {}), "stage1": (1, {}), "stage1-fp32-accumulation": (1, {"grad_accum_dtype": "fp32"}),
+              "stage2": (2, {}), "stage2-fp32-accumulation": (2, {"grad_accum_dtype": "fp32"})}
+
+
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_update_tracks_the_fp32_run(case, data_dir, single_process, tmp_path):
+    """The change of every weight over 3 steps equals the fp32 single-process run's up to bf16 rounding: within 10%
+    for SinkGD's matrices (where a fragment mapped to the wrong rows or columns is off by far more), within 50% for
+    AdamW's parameters, whose small changes bf16 gradients move more (most at stage 0, which reduces in bf16)."""
+    stage, data_types = BF16_CASES[case]
+    config = ds_config(tmp_path, stage, {"data_types": data_types})
     metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--dtype", "bfloat16"],
                   tmp_path / "out", ranks=2)
-    ref_metrics, _ = single_process("sinkgd")
-    for m, r in zip(metrics, ref_metrics):
-        assert m["step"] == r["step"]
-        assert abs(m["train_loss"] - r["train_loss"]) < 0.02 * r["train_loss"]  # bf16 keeps ~3 digits
-    module = deepspeed_weights(tmp_path / "out", 0, "step_00000003")  # the bf16 weights the model ran with
-    assert {w.dtype for w in module.values()} == {torch.bfloat16}
-    weights = deepspeed_weights(tmp_path / "out", 2, "step_00000003")  # the fp32 master weights
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    ref_metrics, ref_weights = single_process("sinkgd")
+    for m, r in zip(metrics, ref_metrics, strict=True):
+        assert m["step"] == r["step"] and abs(m["train_loss"] - r["train_loss"]) < 0.02 * r["train_loss"]
+    weights, _ = export_hf.load_weights(tmp_path / "out")  # fp32 master weights, at every stage
+    torch.manual_seed(0)
+    initial = Llama(CONFIGS["llama_tiny"]).state_dict()
+    errors = {}
+    for name, ref in ref_weights.items():
+        assert weights[name].dtype == torch.float32, name
+        change, ref_change = weights[name] - initial[name], ref - initial[name]
+        errors[name] = ((change - ref_change).norm() / ref_change.norm()).item()
+    # SinkGD's matrices (what the ZeRO layouts steer) closely; AdamW's parameters through bf16 gradients: looser
+    assert max(error for name, error in errors.items() if "_proj." in name) < 0.1, errors
+    assert max(errors.values()) < 0.5, errors

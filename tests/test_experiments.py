@@ -1,14 +1,19 @@
-"""export_hf.py (round trip through transformers) and the arithmetic of experiments.py: the memory estimate,
-steps to reach a loss, throughput from metrics.jsonl, effective throughput, plots."""
+"""tools/export_hf.py (round trip through transformers) and tools/experiments.py: the memory estimate, steps to reach
+a loss, throughput from metrics.jsonl, effective throughput, the AdamW grid search and its extension, aggregation over
+seeds, options passed through to train.py, plots."""
 import json
+import math
+import statistics
+import subprocess
 import sys
 
 import pytest
 import torch
 
-import experiments
-import export_hf
+import train
+from common import REPO
 from model import CONFIGS, Llama
+from tools import experiments, export_hf
 
 TINY = CONFIGS["llama_tiny"]
 
@@ -150,3 +155,106 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     assert not experiments.plot_runs([tmp_path / "run"], tmp_path / "curves.png")
     assert "pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "curves.png").exists()
+
+
+# ---------------------------------------------------------------- the AdamW grid, seeds, options
+
+
+def bowl(best_lr):
+    """A fake final val loss, lowest at best_lr and rising with |log10(lr / best_lr)|; records the lrs tried."""
+    tried = []
+
+    def final_loss_at(lr):
+        tried.append(lr)
+        return 3.0 + abs(math.log10(lr / best_lr))
+    return final_loss_at, tried
+
+
+def test_grid_search_keeps_an_interior_best():
+    final_loss_at, tried = bowl(1e-3)
+    best, grid, losses = experiments.search_lr(final_loss_at, experiments.PAPER_ADAMW_LRS, max_extensions=3)
+    assert best == 1e-3 and grid == sorted(experiments.PAPER_ADAMW_LRS) and len(tried) == 5
+    assert losses[1e-3] == 3.0
+
+
+def test_grid_is_extended_past_the_upper_edge_until_the_best_is_interior():
+    final_loss_at, tried = bowl(0.05)  # best beyond the paper's largest lr, 1e-2
+    best, grid, _ = experiments.search_lr(final_loss_at, experiments.PAPER_ADAMW_LRS, max_extensions=5)
+    # 1e-2 and 5e-3 are a factor 2 apart: 2e-2, 4e-2, 8e-2; at 8e-2 the best (4e-2) is interior and it stops
+    assert tried[5:] == pytest.approx([2e-2, 4e-2, 8e-2])
+    assert best == pytest.approx(4e-2) and grid[0] < best < grid[-1]
+
+
+def test_grid_is_extended_past_the_lower_edge():
+    final_loss_at, tried = bowl(1e-5)
+    best, grid, _ = experiments.search_lr(final_loss_at, [1e-3, 1e-4], max_extensions=5)
+    assert tried[2:] == pytest.approx([1e-5, 1e-6]) and best == pytest.approx(1e-5) and grid[0] < best < grid[-1]
+
+
+def test_grid_extension_is_bounded():
+    final_loss_at, tried = bowl(10.0)
+    best, grid, _ = experiments.search_lr(final_loss_at, [1e-3, 1e-2], max_extensions=2)
+    assert len(tried) == 4 and best == grid[-1] == pytest.approx(1.0)  # still at the edge: the summary says so
+
+
+def test_spread_over_seeds():
+    assert experiments.spread([7.0, 7.5, 8.5]) == {"mean": 7.666666666666667, "std": statistics.stdev([7.0, 7.5, 8.5]),
+                                                   "min": 7.0, "max": 8.5, "n": 3, "missing": 0}
+    assert experiments.spread([2.0]) == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0, "n": 1, "missing": 0}
+    assert experiments.spread([None, 4.0, 6.0])["mean"] == 5.0 and experiments.spread([None, 4.0, 6.0])["missing"] == 1
+    assert experiments.spread([None]) == {"n": 0, "missing": 1}
+
+
+def test_options_reach_train_py_and_others_pass_through(tmp_path):
+    args, passthrough = experiments.parser().parse_known_args(
+        ["compare", "--model", "llama_small", "--data_dir", str(tmp_path), "--max_steps", "300", "--batch_size", "16",
+         "--micro_batch_size", "4", "--seq_len", "64", "--seeds", "2", "--warmup_frac", "0.05", "--dtype", "bfloat16"])
+    assert args.seeds == 2 and passthrough == ["--warmup_frac", "0.05", "--dtype", "bfloat16"]
+    cfg = train.parse_config(experiments.run_args(args, passthrough) + ["--optimizer", "adamw", "--seed", "1"])
+    assert (cfg.model, cfg.data_dir, cfg.max_steps) == ("llama_small", str(tmp_path), 300)
+    assert (cfg.batch_size, cfg.micro_batch_size, cfg.seq_len) == (16, 4, 64)
+    assert (cfg.warmup_frac, cfg.dtype, cfg.optimizer, cfg.seed) == (0.05, "bfloat16", "adamw", 1)
+    with pytest.raises(SystemExit, match="--nonsense"):  # a bad option stops the tool before any run
+        experiments.main(["compare", "--data_dir", str(tmp_path), "--nonsense", "1"])
+
+
+def test_compare_aggregates_the_seeds(tmp_path, monkeypatch):
+    """compare's flow with train.py replaced by synthetic runs: AdamW's loss depends on lr and seed, SinkGD is ahead."""
+    def fake_run(run_dir, args):
+        cfg = train.parse_config(args + ["--out_dir", str(run_dir)])
+        run_dir.mkdir(parents=True)
+        offset = 0.1 * cfg.seed + (abs(math.log10(cfg.lr / 5e-3)) if cfg.optimizer == "adamw" else -0.5)
+        return synthetic_metrics([8.0 - 0.2 * k + offset for k in range(10)], 1000)
+
+    monkeypatch.setattr(experiments, "run_training", fake_run)
+    monkeypatch.setattr(experiments, "interleaved_tokens_per_sec", lambda variants, steps: {"adamw": 1000.0,
+                                                                                          "sinkgd": 900.0})
+    monkeypatch.setattr(experiments, "window_losses", lambda run_dir, *a: torch.linspace(
+        6.0, 7.0, 101).double().numpy() - (0.3 if "sinkgd" in run_dir.name else 0.0) + 0.01 * int(run_dir.name[-1]))
+    monkeypatch.setattr(experiments, "plot_groups", lambda *a: True)
+    args, _ = experiments.parser().parse_known_args(["compare", "--out_dir", str(tmp_path), "--seeds", "3"])
+    summary = experiments.compare(args, [])
+    assert summary["best_adamw_lr"] == 5e-3 and summary["best_lr_is_interior"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
+        [f"adamw_lr{lr:g}_seed0" for lr in experiments.PAPER_ADAMW_LRS] + ["adamw_lr0.005_seed1", "adamw_lr0.005_seed2"]
+        + [f"sinkgd_seed{s}" for s in range(3)])
+    assert summary["adamw_final_val_loss"]["mean"] == pytest.approx(6.51)
+    assert summary["gap"]["mean"] == pytest.approx(0.3)
+    assert summary["sinkgd_final_val_loss"]["std"] == pytest.approx(0.01)
+    se = statistics.stdev(torch.linspace(6.0, 7.0, 101).tolist()) / math.sqrt(101)
+    assert summary["final_val_standard_error"]["max"] == pytest.approx(se)
+    assert summary["standard_error_below_a_tenth_of_gap"]
+    # per seed, SinkGD (0.5 lower) reaches AdamW's final 6.2 + 0.1 * seed at step 40 of 50: 0.9 * 50 / 40
+    assert summary["sinkgd_steps_to_adamw_final"] == dict(mean=40, std=0.0, min=40, max=40, n=3, missing=0)
+    assert summary["effective_throughput_ratio"]["mean"] == pytest.approx(0.9 * 50 / 40)
+    assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == 3
+
+
+def test_gpu_benchmark_says_it_needs_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the tool would measure it")
+    proc = subprocess.run([sys.executable, "-m", "tools.bench_gpu", str(tmp_path / "gpu")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: tools.bench_gpu measures a CUDA GPU and this machine has none; run it where torch.cuda.is_available() "
+        "is True"]

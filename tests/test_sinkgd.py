@@ -1,4 +1,7 @@
-"""SR-Sinkhorn and SinkGD against an independent float64 reference and the properties they must have."""
+"""SR-Sinkhorn (one matrix, and sharded over ranks as under ZeRO) and SinkGD against an independent float64 reference
+and the properties they must have; the paper's split on model.py's and on transformers' LLaMA."""
+import collections
+import copy
 import math
 import threading
 
@@ -6,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sinkgd import (Fragment, SinkGD, multinorm, normalize_columns, normalize_rows, sinkgd_param_groups,
-                    sr_sinkhorn, sr_sinkhorn_sharded, swan, whiten)
+from model import CONFIGS
+
+from sinkgd import SinkGD, sinkgd_param_groups, sr_sinkhorn
+from tools.bench_optimizer import multinorm, normalize_columns, normalize_rows, swan, whiten
+from zero import Partition, Piece, sr_sinkhorn_sharded
 
 
 def reference(g, num_iters):
@@ -107,15 +114,59 @@ def test_low_precision_input_is_computed_in_float32(dtype):
     assert rel_err(out, reference(g.double(), 5)) < 1e-5
 
 
+THRESHOLD = 2.0**-63  # sr_sinkhorn's docstring: entries at most this times their row's largest magnitude count as 0
+
+
+def below_threshold_zeroed(g):
+    """g with the entries that sr_sinkhorn documents as treated as zero set to zero (float32 squares)."""
+    row_max = g.abs().amax(dim=1, keepdim=True)
+    return torch.where((g / row_max) ** 2 > torch.finfo(torch.float32).tiny, g, 0.0)
+
+
+def test_entries_below_the_documented_threshold_count_as_zero():
+    g = uneven(9, 12, seed=13)
+    row_max = g.abs().amax(dim=1)
+    g[0, 3] = 0.5 * THRESHOLD * row_max[0]  # below: zero
+    g[1, 4] = -4 * THRESHOLD * row_max[1]  # above: kept
+    g[:, 7] = 1e-3 * THRESHOLD * row_max * torch.sign(g[:, 7])  # a whole column below: a zero column, not sqrt(m)
+    g = g.float()
+    expected = below_threshold_zeroed(g.double())
+    assert expected[0, 3] == 0 and expected[1, 4] != 0 and (expected[:, 7] == 0).all()
+    for num_iters in (1, 5):
+        out = sr_sinkhorn(g, num_iters)
+        assert (out[expected == 0] == 0).all()
+        assert rel_err(out, reference(expected, num_iters)) < 1e-6
+        assert out[1, 4] != 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_any_finite_input_gives_finite_output(dtype):
-    big = torch.finfo(dtype).max / 4
-    tiny = torch.finfo(dtype).tiny
+def test_extreme_finite_input_follows_the_documented_result(dtype):
+    big, tiny = torch.finfo(dtype).max / 4, torch.finfo(dtype).tiny
     g = torch.tensor([[big, -big, 1.0, tiny], [1e-30, 2e-30, -1e-30, 0.0], [big, tiny, 0.0, 1.0]]).to(dtype)
+    expected = below_threshold_zeroed(g.double())
+    assert (expected[[0, 2], 2:] == 0).all() and expected[2, 1] == 0  # 1 and tiny next to big: below the threshold
     for num_iters in (1, 5, 50):
-        assert torch.isfinite(sr_sinkhorn(g, num_iters)).all()
+        out = sr_sinkhorn(g, num_iters)
+        assert torch.isfinite(out).all() and (out[expected == 0] == 0).all()
+        assert rel_err(out, reference(expected, num_iters)) < 1e-6
     huge = uneven(6, 5, seed=9) * 1e30
     assert rel_err(sr_sinkhorn(huge.float()), reference(huge / 1e30, 5)) < 1e-5
+
+
+def test_wide_dynamic_range_against_the_reference():
+    """Random float32 matrices whose entries span up to 26 orders of magnitude: exact on what the threshold leaves."""
+    gen, zeroed = torch.Generator().manual_seed(0), 0
+    for spread in (5.0, 20.0, 60.0):
+        for _ in range(20):
+            m, n = torch.randint(1, 12, (2,), generator=gen).tolist()
+            g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+            g = (g * torch.exp(spread * torch.rand(m, n, generator=gen, dtype=torch.float64) - spread)).float()
+            expected = below_threshold_zeroed(g.double())
+            zeroed += int((expected == 0).sum())
+            out = sr_sinkhorn(g)
+            assert torch.isfinite(out).all() and (out[expected == 0] == 0).all()
+            assert rel_err(out, reference(expected, 5)) < 1e-6
+    assert zeroed > 10  # the threshold was exercised
 
 
 def test_non_contiguous_input():
@@ -157,28 +208,30 @@ def run_ranks(num_ranks, fn):
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 5])
 def test_sharded_equals_whole_matrix(num_ranks):
-    # Matrices laid end to end in one flat buffer, cut at arbitrary element offsets, as ZeRO does.
+    # Matrices laid end to end in one flat buffer, then alignment padding, cut at arbitrary offsets as ZeRO does.
     shapes = [(7, 5), (3, 11), (1, 4), (6, 1), (4, 4)]
     mats = [uneven(m, n, seed=k) for k, (m, n) in enumerate(shapes)]
     mats[4][1] = 0  # a zero row, which some ranks hold no part of
-    flat = torch.cat([g.reshape(-1) for g in mats])
+    starts = [0] + np.cumsum([g.numel() for g in mats]).tolist()
+    flat = torch.cat([g.reshape(-1) for g in mats] + [torch.full((9,), 7.0, dtype=torch.float64)])
     gen = torch.Generator().manual_seed(num_ranks)
     cuts = [0] + sorted(torch.randint(0, flat.numel() + 1, (num_ranks - 1,), generator=gen).tolist()) + [flat.numel()]
-    starts = [0] + np.cumsum([g.numel() for g in mats]).tolist()
 
     def rank_fn(rank, all_reduce):
         lo, hi = cuts[rank], cuts[rank + 1]
-        fragments = []
+        pieces = []
         for k, g in enumerate(mats):
             a, b = max(lo, starts[k]), min(hi, starts[k + 1])
-            piece = flat[a:b] if a < b else flat[:0]
-            fragments.append(Fragment(piece, max(a - starts[k], 0), tuple(g.shape)))
-        return sr_sinkhorn_sharded(fragments, 5, all_reduce)
+            pieces.append(Piece(tuple(g.shape), a - starts[k], a - lo, b - a) if a < b
+                          else Piece(tuple(g.shape), 0, 0, 0))
+        part = Partition(pieces, None, "cpu", torch.float64)
+        return sr_sinkhorn_sharded(flat[lo:hi], part, 5, all_reduce)
 
-    pieces = run_ranks(num_ranks, rank_fn)
+    whole = torch.cat(run_ranks(num_ranks, rank_fn))
+    assert whole.shape == flat.shape
     for k, g in enumerate(mats):
-        whole = torch.cat([pieces[r][k] for r in range(num_ranks)]).view(g.shape)
-        assert rel_err(whole, reference(g, 5)) < 1e-10
+        assert rel_err(whole[starts[k]:starts[k + 1]].view(g.shape), reference(g, 5)) < 1e-10
+    assert (whole[starts[-1]:] == 0).all()  # padding gets no update
 
 
 # --- SWAN ---------------------------------------------------------------------------------------
@@ -376,3 +429,150 @@ def test_a_few_steps_lower_the_loss():
         opt.step()
     assert losses[-1] < losses[0] - 0.5
     assert not opt.state.keys() & set(opt.param_groups[0]["params"])
+
+
+def test_skip_nonfinite_leaves_everything_and_sets_overflow():
+    mats, vecs = make_params()
+    opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)], skip_nonfinite=True)
+    with_grads(mats + vecs)
+    opt.step()  # AdamW state exists from here on
+    before = copy.deepcopy(([p.detach().clone() for p in mats + vecs], opt.state_dict()))
+    with_grads(mats + vecs, seed=1)
+    mats[0].grad[2, 1] = -math.inf
+    opt.step()
+    assert opt.overflow
+    assert all(torch.equal(p, b) for p, b in zip(mats + vecs, before[0]))
+    assert_same_state(opt.state_dict(), before[1])
+    with_grads(mats + vecs, seed=1)
+    opt.step()
+    assert not opt.overflow and not torch.equal(mats[0], before[0][0])
+
+
+def assert_same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys() and all(assert_same_state(a[k], b[k]) is None for k in a)
+    else:
+        assert a == b
+
+
+# --- cost of a step: aten operations and host syncs, counted with a dispatch mode (the same on any device) -------
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Operations that make the host wait for the device (or copy host data to it) on a GPU.
+WAITS_ON_HOST = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default",
+                 "aten.repeat_interleave.Tensor", "aten.segment_reduce.default", "aten.masked_select.default",
+                 "aten._unique2.default", "aten.equal.default", "aten.is_nonzero.default", "aten.lift_fresh.default",
+                 "aten._to_copy.default"}
+
+
+def llama_block_matrices(name, num_layers=2):
+    cfg = CONFIGS[name]
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(d, d)] * 4 + [(f, d), (f, d), (d, f)]
+    params = [nn.Parameter(torch.randn(shape, generator=gen)) for _ in range(num_layers) for shape in shapes]
+    with_grads(params)
+    return params
+
+
+@pytest.mark.parametrize("name", ["llama_60m", "llama_1b"])
+def test_one_device_step_is_launch_light_and_syncs_once(name):
+    params = llama_block_matrices(name, num_layers=1 if name == "llama_1b" else 2)
+    opt = SinkGD(params, sinkhorn_iters=5)
+    with OpCounter() as counter:
+        opt.step()
+    assert counter.ops["aten._local_scalar_dense.default"] == 1  # the finiteness decision, once for the step
+    assert sum(counter.ops[op] for op in WAITS_ON_HOST) == 1, counter.ops
+    assert sum(counter.ops.values()) <= 60 * len(params), counter.ops
+
+
+@pytest.mark.parametrize("num_ranks", [1, 3])
+def test_sharded_step_is_launch_light_and_never_waits(num_ranks):
+    shapes = [(48, 32)] * 4 + [(96, 32), (96, 32), (32, 96)]
+    mats = [uneven(m, n, seed=k, dtype=torch.float32) for k, (m, n) in enumerate(shapes)]
+    flat = torch.cat([g.reshape(-1) for g in mats])
+    per_rank = -(-flat.numel() // num_ranks)
+    starts = [0] + np.cumsum([g.numel() for g in mats]).tolist()
+    collectives = [0] * num_ranks
+
+    def rank_fn(rank, all_reduce):
+        lo, hi = rank * per_rank, min((rank + 1) * per_rank, flat.numel())
+        pieces = [Piece(tuple(g.shape), max(lo, a) - a, max(lo, a) - lo, max(0, min(hi, b) - max(lo, a)))
+                  for g, a, b in zip(mats, starts, starts[1:])]
+        part = Partition(pieces, None, "cpu")
+
+        def counted_all_reduce(t, op):
+            collectives[rank] += 1
+            all_reduce(t, op)
+        with OpCounter() as counter:
+            sr_sinkhorn_sharded(flat[lo:hi], part, 5, counted_all_reduce)
+        return counter.ops
+
+    for ops in run_ranks(num_ranks, rank_fn):
+        assert not any(ops[op] for op in WAITS_ON_HOST), ops
+        assert sum(ops.values()) <= 60 * len(mats), ops
+    assert collectives == [2 * 5 + 1] * num_ranks  # row maxima, then a row and a column round per iteration
+
+
+# --- the paper's split on transformers' LlamaForCausalLM: what a user of another training loop builds -------------
+
+
+def test_split_of_a_transformers_llama_and_a_few_steps():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    optimizer = SinkGD(sinkgd_param_groups(model, model.model.layers, lr=0.02))  # as in the README
+    names = {id(p): n for n, p in model.named_parameters()}
+    sink = sorted(names[id(p)] for p in optimizer.param_groups[0]["params"])
+    adam = sorted(names[id(p)] for p in optimizer.param_groups[1]["params"])
+    linears = sorted(f"{n}.weight" for n, m in model.model.layers.named_modules(prefix="model.layers")
+                     if isinstance(m, nn.Linear))
+    assert len(linears) == 2 * 7 and sink == linears
+    assert adam == sorted(n for n in names.values() if n not in linears)
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} < set(adam)
+    assert all(n.endswith("layernorm.weight") for n in adam if n.startswith("model.layers."))
+    batch = torch.randint(0, 128, (8, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(10):
+        loss = model(input_ids=batch, labels=batch).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] - 0.5
+    assert not optimizer.state.keys() & set(optimizer.param_groups[0]["params"])  # the matrices keep no state
+
+
+def test_hugging_face_trainer_steps_sinkgd(tmp_path):
+    """The README's recipe for transformers.Trainer: optimizers=(SinkGD over the paper's split, a schedule)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer needs it
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (64, 33), generator=gen)]
+    optimizer = SinkGD(sinkgd_param_groups(model, model.model.layers, lr=0.02))
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=20)
+    args = transformers.TrainingArguments(tmp_path, max_steps=20, per_device_train_batch_size=8, logging_steps=5,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, scheduler))
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+    assert optimizer.param_groups[1]["lr"] < 1e-3  # the schedule drove our optimizer down its cosine

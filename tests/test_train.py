@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import model as model_module
 import prepare_c4
 import train
 from common import REPO, assert_same_tensors, deterministic, load_ckpt, read_metrics
 from model import Llama, LlamaConfig
-from train import ConfigError, TokenLoader, TrainConfig, lr_factor, parse_config, validation_windows
+from prepare_c4 import TokenLoader, validation_windows
+from train import ConfigError, TrainConfig, lr_factor, parse_config
 
 TEST_MODEL = "llama_test_train"
 # GPT-2 vocabulary (the shards hold GPT-2 ids), everything else tiny
@@ -137,14 +139,14 @@ def test_metrics_jsonl_records(baseline):
 
 
 def test_checkpoints_written_at_intervals(baseline):
-    paths = train.checkpoint_paths(baseline["out_dir"])
+    paths = checkpoint.checkpoint_paths(baseline["out_dir"])
     assert [p.name for p in paths] == ["ckpt_00000008.pt", "ckpt_00000016.pt", "ckpt_00000024.pt"]
     assert not list(baseline["out_dir"].glob("*.tmp"))
 
 
 def test_newest_checkpoint_loads_and_reproduces_final_val_loss(baseline, data_dir):
     cfg = baseline["cfg"]
-    ckpt = load_ckpt(train.checkpoint_paths(baseline["out_dir"])[-1])  # weights_only: no pickled code
+    ckpt = load_ckpt(checkpoint.checkpoint_paths(baseline["out_dir"])[-1])  # weights_only: no pickled code
     assert ckpt["step"] == cfg.max_steps
     assert ckpt["config"] == asdict(cfg)
     assert {"model", "optimizer", "scheduler", "loader", "rng"} <= ckpt.keys()
@@ -168,7 +170,7 @@ def test_resume_matches_an_uninterrupted_run(baseline, tmp_path, capsys):
     cfg = baseline["cfg"]
     out_dir = tmp_path / "resumed"
     shutil.copytree(baseline["out_dir"], out_dir)
-    for path in train.checkpoint_paths(out_dir)[1:]:  # as if the run had stopped after step 8
+    for path in checkpoint.checkpoint_paths(out_dir)[1:]:  # as if the run had stopped after step 8
         path.unlink()
     capsys.readouterr()
     result = train.train(replace(cfg, out_dir=str(out_dir), resume=True))
@@ -210,6 +212,41 @@ def test_resume_without_checkpoint_starts_afresh(data_dir, tmp_path, capsys):
     assert [r["step"] for r in read_metrics(cfg.out_dir)] == [1, 2]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bf16", "fp32", "half"])
+def test_dtype_is_one_of_the_supported(dtype):
+    with pytest.raises(ConfigError, match=f"--dtype must be auto, float32 or bfloat16, got '{dtype}'"):
+        parse_config(["--dtype", dtype])
+    assert parse_config(["--dtype", "bfloat16"]).dtype == "bfloat16"
+
+
+def deterministic_losses(out_dir):
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_metrics(out_dir)]
+
+
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    """--compile (inductor; on the CPU it generates C++ with gcc): the same per-step losses to float rounding."""
+    eager, compiled = (tiny_config(data_dir, tmp_path / name, max_steps=4, eval_interval=2, compile=name == "compiled")
+                       for name in ("eager", "compiled"))
+    train.train(eager)
+    train.train(compiled)
+    for (step, loss, val), (step_c, loss_c, val_c) in zip(deterministic_losses(eager.out_dir),
+                                                          deterministic_losses(compiled.out_dir), strict=True):
+        assert step == step_c and loss_c == pytest.approx(loss, rel=1e-4)
+        assert (val is None) == (val_c is None) and (val is None or val_c == pytest.approx(val, rel=1e-4))
+    assert deterministic_losses(eager.out_dir) != deterministic_losses(compiled.out_dir)  # a different program ran
+
+
+def test_bf16_autocast_on_one_device_tracks_float32(data_dir, tmp_path):
+    cfg, fp32 = (tiny_config(data_dir, tmp_path / dtype, max_steps=8, dtype=dtype) for dtype in ("bfloat16", "float32"))
+    train.train(cfg)
+    train.train(fp32)
+    losses, reference = ([r["train_loss"] for r in read_metrics(c.out_dir)] for c in (cfg, fp32))
+    assert losses != reference  # bf16 arithmetic did run
+    assert all(abs(a - b) < 0.03 * b for a, b in zip(losses, reference, strict=True)), (losses, reference)
+    weights = load_ckpt(checkpoint.checkpoint_paths(cfg.out_dir)[-1])["model"]
+    assert all(p.dtype == torch.float32 for p in weights.values())  # autocast: the weights stay float32
+
+
 def test_adamw_runs_and_old_checkpoints_are_pruned(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path / "adamw", optimizer="adamw", lr=3e-3, max_steps=6,
                       ckpt_interval=2, keep_checkpoints=2, eval_interval=3)
@@ -218,7 +255,7 @@ def test_adamw_runs_and_old_checkpoints_are_pruned(data_dir, tmp_path):
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert math.isfinite(result["val_loss"])
-    paths = train.checkpoint_paths(Path(cfg.out_dir))
+    paths = checkpoint.checkpoint_paths(Path(cfg.out_dir))
     assert [p.name for p in paths] == ["ckpt_00000004.pt", "ckpt_00000006.pt"]
     ckpt = load_ckpt(paths[-1])
     n_params = len(list(Llama(TEST_CONFIG).parameters()))
@@ -236,7 +273,7 @@ def test_one_sinkhorn_iteration_is_accepted_and_used(data_dir, tmp_path):
     assert cfg.sinkhorn_iters == 1
     result = train.train(cfg)
     assert math.isfinite(result["val_loss"])
-    ckpt = load_ckpt(train.checkpoint_paths(Path(cfg.out_dir))[-1])
+    ckpt = load_ckpt(checkpoint.checkpoint_paths(Path(cfg.out_dir))[-1])
     assert ckpt["optimizer"]["param_groups"][0]["sinkhorn_iters"] == 1
 
 
@@ -247,7 +284,7 @@ def test_main_runs_from_command_line_options(data_dir, tmp_path, capsys):
                 "--max_steps=2", "--eval_tokens=34", "--log_interval=1", "--device=cpu"])
     assert "final validation loss" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
-    assert [p.name for p in train.checkpoint_paths(out_dir)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoint.checkpoint_paths(out_dir)] == ["ckpt_00000002.pt"]
 
 
 def test_main_reports_errors_as_one_line(tmp_path):
@@ -262,9 +299,9 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     random.seed(1)
     np.random.rand(5)  # mid-stream: the generator position matters
     path = tmp_path / "rng.pt"
-    torch.save(train.rng_state(), path)
+    torch.save(checkpoint.rng_state(), path)
     expected = (torch.rand(3), np.random.rand(3), random.random())
-    train.set_rng_state(torch.load(path, weights_only=True))
+    checkpoint.set_rng_state(torch.load(path, weights_only=True))
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]

@@ -6,7 +6,8 @@ texts already in memory: the most the pipeline could reach. Both are reported in
 tokens per second (the <|endoftext|> separators the pipeline adds are not counted), best
 of --repeats runs; the target is a ratio of at least 0.8.
 
-    python bench_tokenize.py [--input FILE ...] [--workers N] [--copies N]
+    python -m tools.bench_tokenize [--input FILE ...] [--workers N] [--copies N]
+    python -m tools.bench_tokenize --input ../shared/data/c4-sample.00000-of-00001.json.gz   # C4 text
 """
 import argparse
 import contextlib
@@ -20,8 +21,6 @@ from pathlib import Path
 
 from prepare_c4 import LineCounts, expand_inputs, gpt2_encoding, prepare_files, read_c4_file, stdlib_docstrings
 
-C4_SAMPLE = Path(__file__).resolve().parent.parent / "shared/data/c4-sample.00000-of-00001.json.gz"
-
 
 def seconds(function) -> float:
     started = time.perf_counter()
@@ -32,7 +31,7 @@ def seconds(function) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", metavar="PATH",
-                        help=f"C4-format files (default: {C4_SAMPLE} if present, else the demo corpus)")
+                        help="C4-format files (default: the demo corpus, written as one such file)")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--copies", type=int, default=8,
                         help="read the input this many times, so fixed costs don't dominate a small sample")
@@ -42,8 +41,6 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.input:
             paths = expand_inputs(args.input)
-        elif C4_SAMPLE.exists():
-            paths = [C4_SAMPLE]
         else:
             paths = [Path(tmp, "demo.jsonl.gz")]
             with gzip.open(paths[0], "wt", encoding="utf-8") as f:

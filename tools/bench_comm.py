@@ -1,10 +1,10 @@
 """Bytes communicated per optimizer step under DeepSpeed ZeRO: SinkGD vs AdamW at the same stage.
 
-    torchrun --nproc_per_node 2 bench_comm.py                        # llama_tiny, ZeRO 0-3, CPU (gloo)
-    torchrun --nproc_per_node 2 bench_comm.py --stages 2 3 --steps 5 --breakdown
-    deepspeed --num_gpus 8 bench_comm.py --model llama_60m --bf16     # GPUs (nccl)
+    torchrun --nproc_per_node 2 -m tools.bench_comm                     # llama_tiny, ZeRO 0-3, CPU (gloo)
+    torchrun --nproc_per_node 2 -m tools.bench_comm --stages 2 3 --steps 5 --breakdown
+    deepspeed --num_gpus 8 --module tools.bench_comm --model llama_60m --bf16   # GPUs (nccl)
 
-Both optimizers are built exactly as train.py builds them (build_optimizer, deepspeed_engine on
+Both optimizers are built exactly as train.py builds them (train.build_optimizer, zero.initialize on
 ds_config.json with the stage replaced) and trained for a few steps on random tokens. Every collective
 is counted by wrapping torch.distributed before DeepSpeed starts, so DeepSpeed's own traffic and the
 plain torch.distributed.all_reduce calls of sinkgd.py are both seen. Steps after --warmup are counted,
@@ -16,8 +16,9 @@ of an all-gather, the input of a reduce-scatter. "ring B/rank" converts them to 
 with ring algorithms (all-reduce 2(p-1)/p, all-gather and reduce-scatter (p-1)/p of the buffer).
 
 Expected: under ZeRO 1-3 SinkGD's step all-reduces, per flat partition of its matrices, the row
-maxima (m floats each) and then, per Sinkhorn iteration, the m- and n-length partial sums, plus a
-4-byte finiteness flag per flat partition stepped: 4 * ((L + 1) * sum(m) + L * sum(n) + flags) bytes. AdamW's step sends nothing.
+maxima (m floats each) and then, per Sinkhorn iteration, the m- and n-length partial sums:
+4 * ((L + 1) * sum(m) + L * sum(n)) bytes. AdamW's step sends nothing, and neither optimizer all-reduces a
+finiteness flag (DeepSpeed's ZeRO optimizer skips a non-finite step before calling them).
 At stage 0 gradients arrive whole, so SinkGD adds nothing. The "predicted" column is this formula.
 """
 import argparse
@@ -138,8 +139,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 COUNTER = CommCounter().install()  # before train.py (and through it DeepSpeed) sets anything up
 
 import train  # noqa: E402
+import zero  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
-from sinkgd import SinkGD  # noqa: E402
 
 PHASES = ("forward", "backward", "engine.step", "optimizer.step", "init", "other")
 
@@ -188,11 +189,12 @@ def measure(args, optimizer_name: str, stage: int, config_path: str, device) -> 
         "--sinkhorn_iters", str(args.sinkhorn_iters), "--deepspeed_config", config_path])
     torch.manual_seed(cfg.seed)
     model = Llama(CONFIGS[cfg.model]).to(device)
-    optimizer = train.build_optimizer(cfg, model)
+    optimizer = train.build_optimizer(cfg, model, zero.ZeroSinkGD)
     _tag_step(optimizer, "optimizer.step")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(cfg, step))
     with COUNTER.tagged("init"):
-        engine = train.deepspeed_engine(cfg, model, optimizer, scheduler, use_bf16=args.bf16)
+        engine = zero.initialize(config_path, model, optimizer, scheduler, batch_size=cfg.batch_size,
+                                 micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, bf16=args.bf16)
 
     vocab = CONFIGS[cfg.model].vocab_size
     gen = torch.Generator().manual_seed(1000 + dist.get_rank())
@@ -217,14 +219,10 @@ def measure(args, optimizer_name: str, stage: int, config_path: str, device) -> 
             print(f"warning: ranks disagree on bytes/step: {-spread[1].item():.0f} .. {spread[0].item():.0f}",
                   file=sys.stderr)
 
-    # one finiteness flag per flat partition handed to step(), the AdamW group's included
-    zo = engine.optimizer
-    partitions = getattr(zo, "single_partition_of_fp32_groups", None) or getattr(zo, "fp32_partitioned_groups_flat", [])
-    flags = len(partitions) if isinstance(optimizer, SinkGD) and optimizer.flat_layouts else 0
     shapes = sinkgd_shapes(model)
     engine.destroy()
     del engine, optimizer, scheduler, model
-    return {"counts": counts, "flags": flags, "shapes": shapes}
+    return {"counts": counts, "shapes": shapes}
 
 
 def _tag_step(optimizer, phase: str) -> None:
@@ -245,7 +243,7 @@ def predicted_extra(result: dict, stage: int, iters: int) -> int:
         return 0
     rows = sum(m for m, _ in result["shapes"])
     cols = sum(n for _, n in result["shapes"])
-    return 4 * ((iters + 1) * rows + iters * cols + result["flags"])
+    return 4 * ((iters + 1) * rows + iters * cols)
 
 
 def report(args, results: dict) -> None:
@@ -257,7 +255,7 @@ def report(args, results: dict) -> None:
           f"{args.grad_accum} micro-batch(es)/step, {'bf16' if args.bf16 else 'fp32'}, "
           f"{args.steps} step(s) counted after {args.warmup} warm-up")
     print(f"SinkGD matrices: {len(shapes)}, sum m = {rows}, sum n = {cols}, L = {args.sinkhorn_iters}; "
-          f"predicted extra = 4 * ((L+1) * sum m + L * sum n + flags) bytes at ZeRO 1-3\n")
+          f"predicted extra = 4 * ((L+1) * sum m + L * sum n) bytes at ZeRO 1-3\n")
     header = (f"{'stage':>5} {'optimizer':>9} {'bytes/step':>14} {'ZeRO (fwd+bwd+eng)':>19} "
               f"{'in opt.step':>12} {'predicted':>10} {'extra vs AdamW':>15} {'ratio':>9} {'ring B/rank':>14} "
               f"{'ring ratio':>10}")
@@ -292,7 +290,7 @@ def report(args, results: dict) -> None:
 def main():
     args = parse_args()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    train.init_distributed(device_type)
+    zero.init_distributed(device_type)
     device = torch.device("cpu")
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

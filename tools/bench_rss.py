@@ -1,8 +1,8 @@
 """Does resident memory grow over a long run? Trains a tiny LLaMA on the CPU and fits a line to RSS.
 
-    OMP_NUM_THREADS=1 python bench_rss.py                 # llama_tiny, seq_len 16, batch 4, 3000 steps: ~10 min
-    python bench_rss.py --steps 10000 --model llama_small
-    python bench_rss.py --metrics out/llama_60m/metrics.jsonl   # the slope of a run that already logged
+    OMP_NUM_THREADS=1 python -m tools.bench_rss           # llama_tiny, seq_len 16, batch 4, 3000 steps: ~10 min
+    python -m tools.bench_rss --steps 10000 --model llama_small
+    python -m tools.bench_rss --metrics out/llama_60m/metrics.jsonl   # the slope of a run that already logged
 
 train.py logs `rss_mib` (current resident memory) with every metrics record. The slope is a least-squares
 fit over the records after --warmup_frac of the steps, since the first steps fill allocator caches and

@@ -1,9 +1,9 @@
 """Export a train.py checkpoint as a Hugging Face LLaMA folder: config.json + model.safetensors.
 
-    python export_hf.py out/demo hf/demo                       # the newest ckpt_*.pt of a train.py out_dir
-    python export_hf.py out/demo/ckpt_00000200.pt hf/demo      # one checkpoint file
-    python export_hf.py out/llama_1b hf/llama_1b               # DeepSpeed: the tag named in `latest` ...
-    python export_hf.py out/llama_1b/step_00100000 hf/llama_1b # ... or one step_* directory
+    python -m tools.export_hf out/demo hf/demo                        # the newest ckpt_*.pt of a train.py out_dir
+    python -m tools.export_hf out/demo/ckpt_00000200.pt hf/demo       # one checkpoint file
+    python -m tools.export_hf out/llama_1b hf/llama_1b                # DeepSpeed: the tag named in `latest` ...
+    python -m tools.export_hf out/llama_1b/step_00100000 hf/llama_1b  # ... or one step_* directory
 
     model = transformers.LlamaForCausalLM.from_pretrained("hf/demo")
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import checkpoint
 import train
+import zero
 from model import CONFIGS, Llama, LlamaConfig
 from prepare_c4 import EOT_TOKEN
 
@@ -26,20 +28,45 @@ from prepare_c4 import EOT_TOKEN
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """(state_dict, model name when the checkpoint records it) from a ckpt_*.pt file, a train.py out_dir
     (its newest ckpt_*.pt) or a DeepSpeed checkpoint (an out_dir with `latest`, or a step_* directory)."""
-    if path.is_dir() and train.checkpoint_paths(path):
-        path = train.checkpoint_paths(path)[-1]
+    if path.is_dir() and checkpoint.checkpoint_paths(path):
+        path = checkpoint.checkpoint_paths(path)[-1]
     if path.is_file():
         # mmap: the optimizer state, twice the model's size under AdamW, is never read into memory
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return checkpoint["model"], checkpoint["config"]["model"]
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return state["model"], state["config"]["model"]
     tag_dir = path / (path / "latest").read_text().strip() if (path / "latest").exists() else path
+    bf16_ranks = sorted(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=lambda f: int(f.name.split("_")[4]))
+    if bf16_ranks:  # ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer): each group's fp32 partitions, in order
+        partitions = [zero.load_deepspeed_file(f)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+                      for f in bf16_ranks]
+        states = zero.load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
+        weights = {}
+        for g, shapes in enumerate(states["param_shapes"]):
+            flat = torch.cat([rank[g] for rank in partitions])
+            sizes = [shape.numel() for shape in shapes.values()]
+            pieces = flat[:sum(sizes)].split(sizes)  # the rest is alignment padding
+            weights |= {name: t.view(shape).clone() for (name, shape), t in zip(shapes.items(), pieces)}
+        return weights, None
     if list(tag_dir.glob("*zero_pp_rank_*")):  # ZeRO 1-3: merge the fp32 master weights of every rank
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name), None
-    if (tag_dir / "mp_rank_00_model_states.pt").exists():  # stage 0: the whole model, as DeepSpeed held it
-        return train.load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"], None
+    if (tag_dir / "mp_rank_00_model_states.pt").exists():  # stage 0: the whole model on every rank
+        states = zero.load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
+        masters = (states.get("optimizer") or {}).get("fp32_groups")
+        if masters:  # bf16: the fp32 master weights its optimizer kept, in the order of train.py's param groups
+            names = param_group_names(train.TrainConfig(**states["config"]))
+            return {name: t for group_names, group in zip(names, masters) for name, t in zip(group_names, group)}, None
+        return states["module"], None
     raise FileNotFoundError(f"{path}: neither a checkpoint file nor a directory holding ckpt_*.pt or a "
                             "DeepSpeed checkpoint")
+
+
+def param_group_names(cfg: train.TrainConfig) -> list[list[str]]:
+    """The parameter names of each param group of the optimizer train.py builds for cfg."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = Llama(CONFIGS[cfg.model])
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in train.build_optimizer(cfg, model).param_groups]
 
 
 def state_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,171 @@
+"""Optimizer step time and memory on the transformer-block matrices of a LLaMA config, against torch.optim.AdamW.
+
+    python -m tools.bench_optimizer                       # llama_60m and llama_130m, on CUDA if present
+    python -m tools.bench_optimizer --configs llama_60m --repeats 30
+
+Every optimizer updates the same matrices (attention q/k/v/o, MLP gate/up/down: the parameters SinkGD owns in the
+paper's split) from the same gradients. Step times are medians over interleaved repeats, reported as ratios to
+torch.optim.AdamW measured in the same run. Memory: state = optimizer state bytes; transient = peak extra memory
+during a step beyond weights, grads and state (CUDA: allocator peak; CPU: peak RSS of a fresh process per optimizer,
+page-granular).
+
+This file also holds the paper's Alg. 1 (MultiNorm) written plainly, with SR-Sinkhorn and SWAN as its instances:
+SWAN is the baseline whose cost SinkGD removes, and the tests check sinkgd.sr_sinkhorn against the plain instance.
+"""
+import argparse
+import json
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from model import CONFIGS
+from sinkgd import SinkGD
+from tools.common import device_name, in_fresh_process, interleaved_medians, proc_status_bytes, reset_peak_rss, sync
+
+# --------------------------------------------------------------------------------------------------
+# Alg. 1 (MultiNorm) and its instances. Each projection costs a full pass over the matrix:
+#   SR-Sinkhorn = multinorm(G, [normalize_rows, normalize_columns], L)   O(mn) per iteration
+#   SWAN        = multinorm(G, [standardize_rows, whiten], 1)            O(min(m,n)^2 max(m,n)) per NS step
+
+
+def multinorm(grad: Tensor, projections: list[Callable[[Tensor], Tensor]], num_iters: int) -> Tensor:
+    """Alg. 1: apply the normalisation projections P_1, ..., P_K in turn, num_iters times."""
+    x = grad
+    for _ in range(num_iters):
+        for project in projections:
+            x = project(x)
+    return x
+
+
+def normalize_rows(x: Tensor) -> Tensor:
+    """Every row to l2 norm sqrt(n) (a zero row stays zero)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x * torch.where(norms > 0, math.sqrt(x.shape[1]) / norms, 0.0)
+
+
+def normalize_columns(x: Tensor) -> Tensor:
+    """Every column to l2 norm sqrt(m) (a zero column stays zero)."""
+    return normalize_rows(x.T).T
+
+
+def standardize_rows(x: Tensor) -> Tensor:
+    """SWAN's GradNorm: every row to zero mean and unit standard deviation."""
+    std, mean = torch.std_mean(x, dim=1, keepdim=True, correction=0)
+    return (x - mean) / std.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def whiten(x: Tensor, ns_iters: int = 10) -> Tensor:
+    """SWAN's GradWhitening (X X^T)^(-1/2) X, by the cubic Newton-Schulz iteration for the polar factor. Each
+    iteration costs O(min(m, n)^2 max(m, n)) in matmuls: the cost that SinkGD removes."""
+    if x.shape[0] > x.shape[1]:  # same polar factor, smaller Gram matrix
+        return whiten(x.T, ns_iters).T
+    y = x / torch.linalg.matrix_norm(x).clamp_min(torch.finfo(x.dtype).tiny)  # singular values <= 1
+    for _ in range(ns_iters):
+        y = 1.5 * y - 0.5 * (y @ y.T) @ y
+    return y
+
+
+def swan(grad: Tensor, ns_iters: int = 10) -> Tensor:
+    """SWAN (Ma et al. 2024) as MultiNorm with projections [standardize rows, whiten], one pass."""
+    return multinorm(grad.float(), [standardize_rows, lambda x: whiten(x, ns_iters)], num_iters=1)
+
+
+class SWAN(torch.optim.Optimizer):
+    """Stateless like SinkGD, with SWAN's standardise + whiten in place of SR-Sinkhorn (for comparison)."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(swan(p.grad), alpha=-group["lr"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark.
+
+OPTIMIZERS = {
+    "SGD (floor)": lambda ps: torch.optim.SGD(ps, lr=1e-3),
+    "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "AdamW (for-loop)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
+    "SinkGD L=1": lambda ps: SinkGD(ps, lr=1e-3, sinkhorn_iters=1),
+    "SinkGD L=5": lambda ps: SinkGD(ps, lr=1e-3, sinkhorn_iters=5),
+    "SWAN": lambda ps: SWAN(ps, lr=1e-3),
+}
+BASELINE = "AdamW (foreach)"
+
+
+def block_matrices(config_name: str, device) -> list[torch.nn.Parameter]:
+    cfg = CONFIGS[config_name]
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator(device).manual_seed(0)
+    params = []
+    for _ in range(cfg.num_hidden_layers):
+        for shape in [(d, d)] * 4 + [(f, d), (f, d), (d, f)]:
+            p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen) * 0.02)
+            p.grad = torch.randn(shape, device=device, generator=gen) * 1e-3
+            params.append(p)
+    return params
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def memory_of(config_name: str, name: str, device) -> tuple[int, int]:
+    """(state bytes, transient peak bytes beyond weights, grads and state) of one step, after a warm-up step that
+    allocates the state and initialises the libraries. On CPU, run it in a fresh process (in_fresh_process)."""
+    opt = OPTIMIZERS[name](block_matrices(config_name, device))
+    opt.step()
+    sync(device)
+    if torch.device(device).type == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        opt.step()
+        sync(device)
+        return state_bytes(opt), torch.cuda.max_memory_allocated() - base
+    base = reset_peak_rss()
+    opt.step()
+    return state_bytes(opt), max(proc_status_bytes("VmHWM") - base, 0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["llama_60m", "llama_130m"], choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory_of", nargs=2, metavar=("CONFIG", "OPTIMIZER"), help=argparse.SUPPRESS)  # a child
+    args = parser.parse_args()
+    if args.memory_of:
+        print(json.dumps(memory_of(*args.memory_of, args.device)))
+        return
+
+    print(f"device: {device_name(args.device)}; torch {torch.__version__}")
+    for config_name in args.configs:
+        params = block_matrices(config_name, args.device)
+        optimizers = {name: OPTIMIZERS[name](params) for name in OPTIMIZERS}
+        fast = {name: opt.step for name, opt in optimizers.items() if name != "SWAN"}
+        times = interleaved_medians(fast, args.repeats, args.device)
+        slow = {name: optimizers[name].step for name in ("SWAN", BASELINE)}  # SWAN is ~50x slower: fewer repeats
+        times["SWAN"] = interleaved_medians(slow, max(2, args.repeats // 5), args.device)["SWAN"]
+        largest = max(p.numel() for p in params) * 4
+        print(f"\n{config_name}: {len(params)} matrices, {sum(p.numel() for p in params) / 1e6:.1f}M params, "
+              f"largest float32 matrix {largest / 2**20:.1f} MiB")
+        print("| optimizer | step ms | vs AdamW | state MiB | transient MiB | transient / largest matrix |")
+        print("|---|---|---|---|---|---|")
+        for name in OPTIMIZERS:
+            if torch.device(args.device).type == "cuda":
+                persistent, transient = memory_of(config_name, name, args.device)
+            else:
+                persistent, transient = in_fresh_process("tools.bench_optimizer", "--memory_of", config_name, name,
+                                                         "--device", args.device)
+            print(f"| {name} | {times[name] * 1e3:.1f} | {times[name] / times[BASELINE]:.2f}x | "
+                  f"{persistent / 2**20:.0f} | {transient / 2**20:.1f} | {transient / largest:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""The SinkGD paper's claims (arXiv 2502.06742) checked on your model and data: convergence against a tuned AdamW,
+effective throughput (the paper's Figure 1c) over several seeds, the number of Sinkhorn iterations L, and memory.
+
+    python -m tools.experiments compare                 # CPU default: llama_tiny, demo corpus, 3 seeds (~15 min)
+    python -m tools.experiments compare --model llama_small --data_dir data/c4_sample --max_steps 300 --seeds 2
+    python -m tools.experiments compare --model llama_60m --data_dir data/c4 --max_steps 1000 --seeds 1 \\
+        --batch_size 512 --micro_batch_size 128 --seq_len 256 --eval_interval 50 --dtype bfloat16   # a GPU
+    python -m tools.experiments ablation                # SinkGD with L = 1, 2, 5, 10
+    python -m tools.experiments memory                  # weights + optimizer state: bf16 estimate, measured step
+    python -m tools.experiments plot out/compare/sinkgd_seed0 out/compare/adamw_lr0.01_seed0 --out curves.png
+
+compare: AdamW over a log-spaced lr grid (seed 0), extended past an edge while the best lr sits on it, then the best
+AdamW lr and SinkGD at the paper's defaults (global lr 0.02, alpha 0.05, L = 5; no tuning on our side) over --seeds
+seeds (model init and data order). Every run is train.py in its own process, with every option that is not this
+tool's own passed through. A run whose directory already holds a checkpoint of the same config continues from it, so
+an interrupted experiment picks up where it stopped. Validation: every --eval_interval steps on --eval_tokens (the
+curves and "steps to reach"), and at the end on --final_eval_tokens, whose standard error over windows the summary
+gives. Speed comes from timing a few training steps of both optimizers in turn in one process, since consecutive
+runs on a shared machine can differ several-fold. summary.json, a markdown table and curves.png (mean and seed band
+per optimizer, loss against steps and wall-clock) go to --out_dir.
+"""
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import prepare_c4
+import train
+from model import CONFIGS, Llama
+from sinkgd import sinkgd_param_groups
+from tools.common import (ROOT, device_name, in_fresh_process, interleaved_medians, proc_status_bytes, read_metrics,
+                          reset_peak_rss)
+
+PAPER_ADAMW_LRS = [1e-2, 5e-3, 1e-3, 5e-4, 1e-4]  # the paper's AdamW grid
+SINKGD_ARGS = ["--optimizer", "sinkgd", "--lr", "0.02", "--alpha", "0.05", "--sinkhorn_iters", "5"]  # its defaults
+ABLATION_ITERS = [1, 2, 5, 10]
+BENCHMARK_SIZES = ["llama_60m", "llama_130m", "llama_350m", "llama_1b"]
+
+# --------------------------------------------------------------------------------------------------
+# Runs through train.py, and what is read from them.
+
+
+def run_args(args, passthrough: list[str]) -> list[str]:
+    """The train.py options shared by every run of an experiment: this tool's options, then the passed-through ones
+    (which train.py validates)."""
+    return ["--model", args.model,
+            "--data_dir", args.data_dir, "--max_steps", str(args.max_steps), "--batch_size", str(args.batch_size),
+            "--micro_batch_size", str(args.micro_batch_size), "--seq_len", str(args.seq_len),
+            "--eval_interval", str(args.eval_interval), "--eval_tokens", str(args.eval_tokens),
+            "--ckpt_interval", str(args.eval_interval), "--keep_checkpoints", "1", "--log_interval", "1",
+            *passthrough]
+
+
+def run_training(run_dir: Path, args: list[str]) -> list[dict]:
+    """train.py with `args` writing to run_dir; continued (--resume) if run_dir holds a checkpoint of this very
+    config, else started afresh. Returns its metrics."""
+    cfg = train.parse_config(args + ["--out_dir", str(run_dir)])
+    paths = sorted(run_dir.glob("ckpt_*.pt"))
+    state = torch.load(paths[-1], weights_only=True, mmap=True) if paths else None
+    same = state is not None and {**state["config"], "resume": False} == asdict(cfg)
+    if not same:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, str(ROOT / "train.py"), *args, "--out_dir", str(run_dir), "--resume", str(same)]
+    print(f"\n$ python {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+    return read_metrics(run_dir)
+
+
+def final_val_loss(metrics: list[dict]) -> float:
+    return [m["val_loss"] for m in metrics if "val_loss" in m][-1]
+
+
+def steps_to_reach(metrics: list[dict], target: float) -> int | None:
+    """The first evaluated step whose validation loss is at or below target; None if none is."""
+    return next((m["step"] for m in metrics if "val_loss" in m and m["val_loss"] <= target), None)
+
+
+def median_tokens_per_sec(metrics: list[dict]) -> float:
+    """Median training speed over the logging intervals without an evaluation in them. train.py evaluates after
+    logging a step, so an evaluation at step e is timed in the interval that ends at the next logged step."""
+    evals = [m["step"] for m in metrics if "val_loss" in m]
+    clean, previous = [], 0
+    for m in metrics:
+        if "tokens_per_sec" in m:
+            if not any(previous <= e < m["step"] for e in evals):
+                clean.append(m["tokens_per_sec"])
+            previous = m["step"]
+    return statistics.median(clean)
+
+
+def effective_throughput(adamw: list[dict], sinkgd: list[dict], adamw_tokens_per_sec: float,
+                         sinkgd_tokens_per_sec: float) -> dict:
+    """Figure 1c: the tokens/s ratio times the ratio of the steps each optimizer needs to reach AdamW's final
+    validation loss (both runs take the same tokens per step)."""
+    target = final_val_loss(adamw)
+    adamw_steps, sinkgd_steps = steps_to_reach(adamw, target), steps_to_reach(sinkgd, target)
+    speed = sinkgd_tokens_per_sec / adamw_tokens_per_sec
+    return {"target_val_loss": target, "adamw_steps": adamw_steps, "sinkgd_steps": sinkgd_steps,
+            "tokens_per_sec_ratio": speed,
+            "effective_throughput_ratio": speed * adamw_steps / sinkgd_steps if sinkgd_steps else None}
+
+
+@torch.no_grad()
+def window_losses(run_dir: Path, data_dir: str, seq_len: int, budget: int, batch_size: int = 16) -> np.ndarray:
+    """The mean next-token loss of every validation window (the first `budget` tokens) under the run's final
+    weights, in float32."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = torch.load(sorted(run_dir.glob("ckpt_*.pt"))[-1], map_location="cpu", weights_only=True, mmap=True)
+    model = Llama(CONFIGS[state["config"]["model"]]).to(device).eval()
+    model.load_state_dict(state["model"])
+    windows = torch.from_numpy(prepare_c4.validation_windows(prepare_c4.open_splits(data_dir)[1], seq_len, budget))
+    losses = []
+    for batch in windows.to(device).split(batch_size):
+        logits, _ = model(batch[:, :-1])
+        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+                      .view(len(batch), -1).mean(1))
+    return torch.cat(losses).double().cpu().numpy()
+
+
+def spread(values) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max of values; None entries are left out and
+    counted."""
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return {"n": 0, "missing": len(values)}
+    return {"mean": statistics.fmean(kept), "std": statistics.stdev(kept) if len(kept) > 1 else 0.0,
+            "min": min(kept), "max": max(kept), "n": len(kept), "missing": len(values) - len(kept)}
+
+
+def search_lr(final_loss_at, grid: list[float], max_extensions: int) -> tuple[float, list[float], dict]:
+    """final_loss_at(lr) over the grid; while the best lr is at an edge of the grid, one more lr beyond that edge (at
+    the ratio of the edge to its neighbour, or 10^0.5 for a one-point grid), at most max_extensions times. Returns
+    (best lr, the final grid in ascending order, {lr: final loss})."""
+    losses = {lr: final_loss_at(lr) for lr in sorted(grid)}
+    for _ in range(max_extensions):
+        lrs, best = sorted(losses), min(losses, key=losses.get)
+        if best not in (lrs[0], lrs[-1]) or len(lrs) > 1 and losses[lrs[0]] == losses[lrs[-1]]:
+            break
+        ratio = lrs[-1] / lrs[-2] if best == lrs[-1] and len(lrs) > 1 else lrs[1] / lrs[0] if len(lrs) > 1 else 10**0.5
+        new = best * ratio if best == lrs[-1] else best / ratio
+        losses[new] = final_loss_at(new)
+    return min(losses, key=losses.get), sorted(losses), losses
+
+
+def interleaved_tokens_per_sec(variants: dict[str, list[str]], steps: int) -> dict[str, float]:
+    """Tokens/s of a whole training step (forward, backward, optimizer) of each variant of the train.py options, as
+    train.py takes it (same model, optimizer, autocast), the variants' steps taken in turn in one process."""
+    cfgs = {name: train.parse_config(args) for name, args in variants.items()}
+    cfg = next(iter(cfgs.values()))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    tokens = torch.randint(0, CONFIGS[cfg.model].vocab_size, (cfg.micro_batch_size, cfg.seq_len + 1), device=device)
+    accumulation = cfg.batch_size // cfg.micro_batch_size
+
+    def training_step(model, optimizer):
+        def step():
+            for _ in range(accumulation):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                (loss / accumulation).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    runs = {}
+    for name, c in cfgs.items():
+        model = Llama(CONFIGS[c.model]).to(device)
+        runs[name] = training_step(model, train.build_optimizer(c, model))
+    seconds = interleaved_medians(runs, steps, device)
+    return {name: cfg.batch_size * cfg.seq_len / s for name, s in seconds.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# compare and ablation.
+
+
+def setup(args, passthrough) -> dict:
+    return {"device": device_name(), "torch": torch.__version__, "model": args.model, "data_dir": args.data_dir,
+            "max_steps": args.max_steps, "tokens_per_step": args.batch_size * args.seq_len,
+            "train.py args": " ".join(run_args(args, passthrough))}
+
+
+def final_evaluation(run_dir: Path, args) -> dict:
+    losses = window_losses(run_dir, args.data_dir, args.seq_len, args.final_eval_tokens)
+    return {"loss": float(losses.mean()), "standard_error": float(losses.std(ddof=1) / math.sqrt(len(losses))),
+            "windows": len(losses), "per_window": losses}
+
+
+def compare(args, passthrough: list[str]) -> dict:
+    out, base = Path(args.out_dir), run_args(args, passthrough)
+    adamw_args = lambda lr: base + ["--optimizer", "adamw", "--lr", f"{lr:g}"]
+    metrics = {}
+
+    def run(name, extra_args, seed):
+        metrics[(name, seed)] = run_training(out / f"{name}_seed{seed}", extra_args + ["--seed", str(seed)])
+        return metrics[(name, seed)]
+
+    best_lr, grid, grid_losses = search_lr(lambda lr: final_val_loss(run(f"adamw_lr{lr:g}", adamw_args(lr), 0)),
+                                           args.adamw_lrs, args.max_extensions)
+    adamw = f"adamw_lr{best_lr:g}"
+    for seed in range(args.seeds):
+        if (adamw, seed) not in metrics:
+            run(adamw, adamw_args(best_lr), seed)
+        run("sinkgd", base + SINKGD_ARGS, seed)
+    print(f"\ntiming {args.timing_steps} training steps of each optimizer, in turn", flush=True)
+    speed = interleaved_tokens_per_sec({"adamw": adamw_args(best_lr), "sinkgd": base + SINKGD_ARGS},
+                                       args.timing_steps)
+    per_seed = []
+    for seed in range(args.seeds):
+        evaluations = {name: final_evaluation(out / f"{name}_seed{seed}", args) for name in (adamw, "sinkgd")}
+        gap = evaluations[adamw]["per_window"] - evaluations["sinkgd"]["per_window"]  # the same windows: paired
+        per_seed.append(effective_throughput(metrics[(adamw, seed)], metrics[("sinkgd", seed)], speed["adamw"],
+                                             speed["sinkgd"]) | {
+            "seed": seed, "adamw_final_val": evaluations[adamw] | {"per_window": None},
+            "sinkgd_final_val": evaluations["sinkgd"] | {"per_window": None},
+            "gap": float(gap.mean()), "gap_standard_error": float(gap.std(ddof=1) / math.sqrt(len(gap)))})
+    summary = setup(args, passthrough) | {
+        "adamw_grid": grid, "adamw_grid_final_val_loss": {f"{lr:g}": grid_losses[lr] for lr in grid},
+        "best_adamw_lr": best_lr, "best_lr_is_interior": grid[0] < best_lr < grid[-1],
+        "sinkgd_args": " ".join(SINKGD_ARGS), "seeds": args.seeds, "interleaved_tokens_per_sec": speed,
+        "tokens_per_sec_ratio": speed["sinkgd"] / speed["adamw"], "final_eval_tokens": args.final_eval_tokens,
+        "per_seed": per_seed,
+        "median_tokens_per_sec_in_runs": {f"{n}_seed{s}": median_tokens_per_sec(m) for (n, s), m in metrics.items()}}
+    for key, values in {
+            "adamw_final_val_loss": [r["adamw_final_val"]["loss"] for r in per_seed],
+            "sinkgd_final_val_loss": [r["sinkgd_final_val"]["loss"] for r in per_seed],
+            "gap": [r["gap"] for r in per_seed],
+            "final_val_standard_error": [r[f"{k}_final_val"]["standard_error"] for r in per_seed
+                                         for k in ("adamw", "sinkgd")],
+            "sinkgd_steps_to_adamw_final": [r["sinkgd_steps"] for r in per_seed],
+            "adamw_steps_to_adamw_final": [r["adamw_steps"] for r in per_seed],
+            "effective_throughput_ratio": [r["effective_throughput_ratio"] for r in per_seed]}.items():
+        summary[key] = spread(values)
+    summary["standard_error_below_a_tenth_of_gap"] = (
+        summary["final_val_standard_error"]["max"] < abs(summary["gap"]["mean"]) / 10)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(compare_table(summary))
+    plot_groups({f"AdamW lr {best_lr:g}": [out / f"{adamw}_seed{s}" for s in range(args.seeds)],
+                 "SinkGD": [out / f"sinkgd_seed{s}" for s in range(args.seeds)]}, out / "curves.png")
+    return summary
+
+
+def compare_table(s: dict) -> str:
+    """The summary as a markdown table plus the lines that qualify it."""
+    pm = lambda d, f=".3f": f"{d['mean']:{f}} ± {d['std']:{f}}" if d["n"] else "not reached"
+    missing = s["sinkgd_steps_to_adamw_final"]["missing"]
+    not_reached = f" (not reached in {missing} seed(s))" if missing else ""
+    lines = [f"\n{s['model']}, {s['max_steps']} steps of {s['tokens_per_step']} tokens, {s['data_dir']}, "
+             f"{s['seeds']} seed(s); {s['device']}, torch {s['torch']}\n",
+             "| | AdamW (best lr) | SinkGD (paper defaults) |", "|---|---|---|",
+             f"| lr | {s['best_adamw_lr']:g} (grid {', '.join(f'{lr:g}' for lr in s['adamw_grid'])}) | "
+             "0.02, alpha 0.05, L = 5 |",
+             f"| final val loss, mean ± std over seeds | {pm(s['adamw_final_val_loss'])} | "
+             f"{pm(s['sinkgd_final_val_loss'])} |",
+             f"| steps to reach AdamW's final val loss | {pm(s['adamw_steps_to_adamw_final'], '.0f')} | "
+             f"{pm(s['sinkgd_steps_to_adamw_final'], '.0f')}{not_reached} |",
+             f"| tokens/s (interleaved) | {s['interleaved_tokens_per_sec']['adamw']:.0f} | "
+             f"{s['interleaved_tokens_per_sec']['sinkgd']:.0f} ({s['tokens_per_sec_ratio']:.2f}x) |",
+             f"| effective throughput (Fig. 1c), mean ± std | 1 | {pm(s['effective_throughput_ratio'], '.2f')} |",
+             "",
+             f"Gap (AdamW - SinkGD final val loss): {pm(s['gap'])}; standard error of a final val loss over its "
+             f"{s['per_seed'][0]['sinkgd_final_val']['windows']} windows: at most "
+             f"{s['final_val_standard_error']['max']:.4f} ("
+             f"{'below' if s['standard_error_below_a_tenth_of_gap'] else 'NOT below'} a tenth of the gap). "
+             f"Best AdamW lr {'inside' if s['best_lr_is_interior'] else 'AT THE EDGE of'} the searched grid."]
+    return "\n".join(lines)
+
+
+def ablation(args, passthrough: list[str]) -> dict:
+    out, base = Path(args.out_dir), run_args(args, passthrough)
+    variants = {L: base + SINKGD_ARGS + ["--sinkhorn_iters", str(L)] for L in ABLATION_ITERS}
+    for L, variant in variants.items():
+        for seed in range(args.seeds):
+            run_training(out / f"sinkgd_L{L}_seed{seed}", variant + ["--seed", str(seed)])
+    print(f"\ntiming {args.timing_steps} training steps of each L, in turn", flush=True)
+    speed = interleaved_tokens_per_sec({str(L): v for L, v in variants.items()}, args.timing_steps)
+    rows = {L: {"final_val_loss": spread([final_evaluation(out / f"sinkgd_L{L}_seed{s}", args)["loss"]
+                                          for s in range(args.seeds)]),
+                "interleaved_tokens_per_sec": speed[str(L)]} for L in ABLATION_ITERS}
+    summary = setup(args, passthrough) | {"seeds": args.seeds, "by_sinkhorn_iters": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nSinkGD (lr 0.02, alpha 0.05), {args.model}, {args.max_steps} steps, {args.data_dir}, {args.seeds} "
+          f"seed(s); {summary['device']}\n\n| L | final val loss, mean ± std | tokens/s (interleaved) |\n"
+          "|---|---|---|")
+    for L, r in rows.items():
+        loss = r["final_val_loss"]
+        print(f"| {L} | {loss['mean']:.3f} ± {loss['std']:.3f} | {r['interleaved_tokens_per_sec']:.0f} |")
+    plot_groups({f"L = {L}": [out / f"sinkgd_L{L}_seed{s}" for s in range(args.seeds)] for L in ABLATION_ITERS},
+                out / "curves.png")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots.
+
+
+def plot_runs(run_dirs, out_path) -> bool:
+    """Each run on its own (the plot command)."""
+    return plot_groups({Path(d).name: [Path(d)] for d in run_dirs}, out_path)
+
+
+def plot_groups(groups: dict[str, list[Path]], out_path) -> bool:
+    """Per group of runs (the seeds of one optimizer): validation loss, mean line with a min-max band over the runs,
+    and the mean train loss (thin), against steps and against mean wall-clock time. Returns False, saying why, when
+    matplotlib is not installed: only the plots need it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed, so no plot was written: pip install matplotlib", file=sys.stderr)
+        return False
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    by_step, by_time = fig.subplots(1, 2, sharey=True)
+    for i, (label, run_dirs) in enumerate(groups.items()):
+        runs = [read_metrics(d) for d in run_dirs]
+        for key, style in (("train_loss", dict(alpha=0.4, linewidth=1)), ("val_loss", dict(marker="o", markersize=3))):
+            steps = sorted(set.intersection(*({m["step"] for m in r if key in m} for r in runs)))
+            values = np.array([[next(m[key] for m in r if m["step"] == s and key in m) for s in steps] for r in runs])
+            elapsed = np.array([[elapsed_at(r, s) for s in steps] for r in runs]).mean(0)
+            for ax, x in ((by_step, steps), (by_time, elapsed)):
+                ax.plot(x, values.mean(0), color=f"C{i % 10}", label=label if key == "val_loss" else None, **style)
+                if key == "val_loss" and len(runs) > 1:
+                    ax.fill_between(x, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.2)
+    by_step.set(xlabel="step", ylabel="loss (train: thin; validation: dots, band over seeds)")
+    by_time.set(xlabel="wall-clock seconds since the first logged step (mean over seeds)")
+    by_step.legend()
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    fig.savefig(out_path, dpi=120)
+    print(f"wrote {out_path}")
+    return True
+
+
+def elapsed_at(metrics: list[dict], step: int) -> float:
+    """Seconds from the first logged step to the record of `step` (an evaluation-only record: the logged one
+    before it)."""
+    timed = [m for m in metrics if "time" in m]
+    return next((m["time"] for m in reversed(timed) if m["step"] <= step), timed[0]["time"]) - timed[0]["time"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: weights + optimizer state, estimated as in the paper's tables and measured over one step.
+
+
+def memory_estimate(config) -> dict:
+    """Parameter counts and the bytes of weights + optimizer state in bf16: AdamW keeps two moments for every
+    parameter; the hybrid keeps them only for the AdamW group (embedding, norms, head), SinkGD none."""
+    with torch.device("meta"):  # shapes only
+        model = Llama(config)
+    sinkgd_group, adamw_group = sinkgd_param_groups(model, model.model.layers, lr=1.0)
+    n_sinkgd = sum(p.numel() for p in sinkgd_group["params"])
+    n_adamw = sum(p.numel() for p in adamw_group["params"])
+    n_total = n_sinkgd + n_adamw
+    return {"params": n_total, "sinkgd_params": n_sinkgd, "adamw_bytes": 2 * (n_total + 2 * n_total),
+            "sinkgd_bytes": 2 * (n_total + 2 * n_adamw)}
+
+
+def measure_step(size: str, optimizer: str, batch_size: int, seq_len: int) -> float:
+    """Peak MiB of building the model and optimizer and taking one training step (forward, backward, step), as
+    train.py does it: fp32 weights (bf16 autocast on CUDA). CUDA: allocator peak; CPU: peak RSS beyond the
+    interpreter's, page-granular. Run it in a fresh process (in_fresh_process), so nothing earlier counts."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    baseline = reset_peak_rss() if device.type == "cpu" else 0
+    model = Llama(CONFIGS[size]).to(device)
+    opt = train.build_optimizer(train.TrainConfig(model=size, optimizer=optimizer), model)
+    tokens = torch.randint(0, CONFIGS[size].vocab_size, (batch_size, seq_len + 1), device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (proc_status_bytes("VmHWM") - baseline) / 2**20
+
+
+def memory(args) -> None:
+    cuda = torch.cuda.is_available()
+    measure = args.measure if args.measure is not None else BENCHMARK_SIZES if cuda else ["llama_60m", "llama_130m"]
+    rows = []
+    for size in BENCHMARK_SIZES:
+        row = {"size": size} | memory_estimate(CONFIGS[size])
+        for optimizer in ["adamw", "sinkgd"] if size in measure else []:
+            row[f"{optimizer}_measured_mib"] = in_fresh_process(
+                "tools.experiments", "memory", "--measure_one", size, optimizer, "--batch_size", args.batch_size,
+                "--seq_len", args.seq_len)
+        rows.append(row)
+    measured = lambda row, key: f"{row[key] / 1024:.2f}" if key in row else "not measured"
+    print(f"Weights + optimizer state. Estimate: bf16 weights and moments, as in the paper's tables. Measured: peak of "
+          f"one training step, fp32 weights{' with bf16 autocast' if cuda else ''}, batch {args.batch_size} x "
+          f"{args.seq_len} tokens (weights, grads, state, activations), {device_name()}, torch {torch.__version__}.\n")
+    print("| size | params | on SinkGD | AdamW est. GiB | SinkGD est. GiB | est. saving | AdamW measured GiB | "
+          "SinkGD measured GiB | measured saving |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        saved = f"{1 - r['sinkgd_measured_mib'] / r['adamw_measured_mib']:.0%}" if "adamw_measured_mib" in r else ""
+        print(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['sinkgd_params'] / 1e6:.1f}M | "
+              f"{r['adamw_bytes'] / 2**30:.2f} | {r['sinkgd_bytes'] / 2**30:.2f} | "
+              f"{1 - r['sinkgd_bytes'] / r['adamw_bytes']:.0%} | {measured(r, 'adamw_measured_mib')} | "
+              f"{measured(r, 'sinkgd_measured_mib')} | {saved} |")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps({"device": device_name(), "torch": torch.__version__,
+                                                 "batch_size": args.batch_size, "seq_len": args.seq_len,
+                                                 "rows": rows}, indent=1))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    m = commands.add_parser("memory", help="memory table: bf16 estimate and measured peak of one step")
+    m.add_argument("--measure", nargs="*", choices=BENCHMARK_SIZES,
+                   help="sizes to measure (default: all on a GPU; llama_60m and llama_130m on a CPU)")
+    m.add_argument("--batch_size", type=int, default=2)
+    m.add_argument("--seq_len", type=int, default=256)
+    m.add_argument("--out_dir", default="out/memory")
+    m.add_argument("--measure_one", nargs=2, metavar=("SIZE", "OPTIMIZER"), help=argparse.SUPPRESS)  # the child
+    for name in ("compare", "ablation"):
+        c = commands.add_parser(name, help="train through train.py and summarise; other options go to train.py")
+        c.add_argument("--model", default="llama_tiny", choices=list(CONFIGS))
+        c.add_argument("--data_dir", default="data/demo", help="shards from prepare_c4.py (default: the demo corpus, "
+                       "built on first use)")
+        c.add_argument("--max_steps", type=int, default=50)
+        c.add_argument("--batch_size", type=int, default=8)
+        c.add_argument("--micro_batch_size", type=int, default=8)
+        c.add_argument("--seq_len", type=int, default=128)
+        c.add_argument("--seeds", type=int, default=3 if name == "compare" else 1)
+        c.add_argument("--eval_interval", type=int, default=5, help="steps between evaluations (the resolution of "
+                       "'steps to reach')")
+        c.add_argument("--eval_tokens", type=int, default=32 * 129, help="validation budget of those evaluations")
+        c.add_argument("--final_eval_tokens", type=int, default=10_000_000, help="validation budget of the final "
+                       "evaluation and its standard error (default: all of a C4-sample or demo val split)")
+        c.add_argument("--timing_steps", type=int, default=10, help="training steps timed per variant, in turn")
+        c.add_argument("--out_dir", default=f"out/{name}")
+        if name == "compare":
+            c.add_argument("--adamw_lrs", type=float, nargs="+", default=PAPER_ADAMW_LRS)
+            c.add_argument("--max_extensions", type=int, default=3, help="extra AdamW runs past a grid edge, at most")
+    plot = commands.add_parser("plot", help="loss curves of any runs, from their metrics.jsonl")
+    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    return p
+
+
+def main(argv=None) -> None:
+    args, passthrough = parser().parse_known_args(argv)
+    if passthrough and args.command not in ("compare", "ablation"):
+        parser().error(f"unrecognized arguments: {' '.join(passthrough)}")
+    try:
+        if args.command == "memory":
+            if args.measure_one:
+                print(json.dumps(measure_step(*args.measure_one, args.batch_size, args.seq_len)))
+            else:
+                memory(args)
+        elif args.command == "plot":
+            sys.exit(0 if plot_runs(args.run_dirs, args.out) else 1)
+        else:
+            train.parse_config(run_args(args, passthrough))  # a bad option fails here, before any run
+            {"compare": compare, "ablation": ablation}[args.command](args, passthrough)
+    except (train.ConfigError, FileNotFoundError, subprocess.CalledProcessError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""SinkGD under DeepSpeed ZeRO, and the rest of train.py's DeepSpeed glue.
+
+Under ZeRO 1-3 an optimizer does not receive whole matrices: DeepSpeed flattens each parameter group, cuts it into
+one contiguous partition per rank at arbitrary element offsets, and steps each rank's partition. Row and column sums
+of squares are additive over any split of a matrix, so each rank sums over the elements it holds, and one all-reduce
+of the m- (then n-) length partial sums per half-iteration, for all the matrices of the partition at once, gives
+every rank the exact scalings of Alg. 3. No gradient is gathered.
+"""
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import checkpoint
+from sinkgd import SinkGD, work_dtype
+
+
+@dataclass
+class Piece:
+    """Elements [start, start + count) of a row-major matrix of `shape`, at [offset, offset + count) of a rank's
+    flat partition (count 0: the rank holds none of it)."""
+    shape: tuple[int, int]
+    start: int
+    offset: int
+    count: int
+
+
+class Partition:
+    """The matrices of a parameter group as they lie in one rank's flat partition, in the same order on every rank.
+
+    Their scaling vectors are stacked end to end (rows of matrix 0, rows of matrix 1, ...), so one collective covers
+    them all; `blocks` are the pieces cut into rectangles: a partial first row, whole rows, a partial last row."""
+
+    def __init__(self, pieces: list[Piece], process_group, device, dtype=torch.float32):
+        self.process_group = process_group
+        row_at = [0, *itertools.accumulate(p.shape[0] for p in pieces)]  # where each matrix's rows start
+        col_at = [0, *itertools.accumulate(p.shape[1] for p in pieces)]
+        self.num_rows, self.num_cols = row_at[-1], col_at[-1]
+        # 1/n for every stacked row and m for every stacked column, made once: no host copy in a step
+        self.inv_n = torch.tensor([1 / n for (m, n) in (p.shape for p in pieces) for _ in range(m)], dtype=dtype,
+                                  device=device)
+        self.m = torch.tensor([m for (m, n) in (p.shape for p in pieces) for _ in range(n)], dtype=dtype, device=device)
+        self.blocks = []  # (first stacked row, first stacked column, rows, columns, offset in the partition)
+        for k, p in enumerate(pieces):
+            n, start, offset, end = p.shape[1], p.start, p.offset, p.offset + p.count
+            while offset < end:
+                i, j = divmod(start, n)
+                rows, cols = ((end - offset) // n, n) if j == 0 and end - offset >= n else (1, min(n - j, end - offset))
+                self.blocks.append((row_at[k] + i, col_at[k] + j, rows, cols, offset))
+                start, offset = start + rows * cols, offset + rows * cols
+
+
+def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduce) -> Tensor:
+    """sinkgd.sr_sinkhorn of every matrix of `part`, from this rank's flat gradient partition (numel,). Every rank
+    calls it with its own partition of the same matrices; all_reduce(t, op) reduces t in place over them, op "sum"
+    or "max". Returns X laid out as `grad` (zero where no matrix lies), in float32 (float64 if grad is)."""
+    out = torch.zeros(grad.shape, dtype=work_dtype(grad), device=grad.device)
+    row_max, u, row_sumsq = (out.new_zeros(part.num_rows) for _ in range(3))
+    v, col_sumsq = out.new_ones(part.num_cols), out.new_zeros(part.num_cols)
+    # Per block: (rows of u and of the row sums, columns of v and of the column sums, gradient, output) as views.
+    blocks = [(slice(r, r + h), slice(c, c + w), grad[o:o + h * w].view(h, w), out[o:o + h * w].view(h, w))
+              for r, c, h, w, o in part.blocks]
+    for rows, _, g, _ in blocks:  # blocks never share a row
+        lo, hi = torch.aminmax(g, dim=1)
+        row_max[rows] = torch.maximum(hi, lo.neg())
+    all_reduce(row_max, "max")
+    tiny = torch.finfo(out.dtype).tiny
+    floor = out.new_full((), tiny)
+    row_max.clamp_min_(tiny * torch.finfo(out.dtype).eps)
+    for rows, _, g, x in blocks:  # x holds B = (G / row max)^2 until the end, as in sr_sinkhorn
+        torch.nn.functional.threshold_(torch.div(g, row_max[rows, None], out=x).square_(), tiny, 0.0)
+    views = [(row_sumsq[rows], u[rows], col_sumsq[cols], v[cols], x, x.t()) for rows, cols, _, x in blocks]
+    for k in range(num_iters):
+        row_sumsq.zero_()
+        for sumsq, _, _, v_part, x, _ in views:
+            sumsq.addmv_(x, v_part)
+        all_reduce(row_sumsq, "sum")
+        torch.addcmul(floor, row_sumsq, part.inv_n, out=u).reciprocal_()  # u = n / (B v)
+        col_sumsq.zero_()
+        for _, u_part, sumsq, _, _, x_t in views:
+            sumsq.addmv_(x_t, u_part)
+        all_reduce(col_sumsq, "sum")
+        # v = m / (B^T u) at the end; before, up to one gauge for all matrices (any positive scalar per matrix is)
+        torch.div(part.m if k == num_iters - 1 else col_sumsq.amax(), col_sumsq, out=v).nan_to_num_(posinf=0.0)
+    for (_, u_part, _, v_part, x, _), (_, _, g, _) in zip(views, blocks):
+        x.mul_(u_part[:, None]).mul_(v_part).sqrt_().copysign_(g)
+    return out
+
+
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class ZeroSinkGD(SinkGD):
+    """SinkGD whose matrix groups may reach step() as ZeRO 1-3 flat partitions; `attach` reads where the matrices lie
+    in them. At stage 0 DeepSpeed hands over whole matrices and this is plain SinkGD."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.partitions: dict[int, Partition] = {}  # id(flat fp32 partition) -> where its matrices lie
+
+    def attach(self, engine) -> None:
+        self.partitions = zero_partitions(engine, self)
+
+    def _grads_finite(self) -> bool:
+        # Under ZeRO, DeepSpeed's optimizer already skipped the step if the global gradient norm was not finite.
+        return bool(self.partitions) or super()._grads_finite()
+
+    def _sinkgd_update(self, group: dict) -> None:
+        flats = [p for p in group["params"] if id(p) in self.partitions]
+        if not flats:
+            return super()._sinkgd_update(group)
+        for flat in flats:
+            part = self.partitions[id(flat)]
+            update = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"],
+                                         lambda t, op: dist.all_reduce(t, op=REDUCE_OPS[op], group=part.process_group))
+            self._apply(flat, update, group)
+
+
+def zero_partitions(engine, optimizer: SinkGD) -> dict[int, Partition]:
+    """id(flat fp32 partition) -> Partition, for the partitions of sinkgd groups. Reads the attributes of DeepSpeed
+    0.19.8's ZeRO optimizers; tests/test_deepspeed.py checks the result against one process at every stage."""
+    zo, found = engine.optimizer, {}
+
+    def add(flat, group, shapes_offsets, lo):
+        """A partition holding elements [lo, lo + flat.numel()) of a buffer where the matrices lie at offsets."""
+        pieces = []
+        for shape, offset in shapes_offsets:
+            start, end = max(lo, offset), min(lo + flat.numel(), offset + shape.numel())
+            held = max(end - start, 0)
+            pieces.append(Piece(tuple(shape), start - offset if held else 0, start - lo if held else 0, held))
+        found[id(flat)] = Partition(pieces, group, flat.device)
+
+    if hasattr(zo, "fp32_groups_flat_partition"):  # BF16_Optimizer: ZeRO-1, bf16 weights, fp32 gradient accumulation
+        # Each group's params are flattened end to end in order; rank r holds [r * size, (r + 1) * size).
+        for g, flat in enumerate(zo.fp32_groups_flat_partition):
+            if optimizer.param_groups[g]["sinkgd"]:
+                offsets = itertools.accumulate((p.numel() for p in zo.bf16_groups[g]), initial=0)
+                group = zo.real_dp_process_group[g]
+                add(flat, group, zip((p.shape for p in zo.bf16_groups[g]), offsets),
+                    dist.get_rank(group=group) * flat.numel())
+    elif engine.zero_optimization_stage() in (1, 2):
+        # The same, in round-robin order, at the offsets DeepSpeed keeps.
+        for g, flat in enumerate(zo.single_partition_of_fp32_groups):
+            if optimizer.param_groups[g]["sinkgd"]:
+                group = zo.real_dp_process_group[g]
+                add(flat, group, zip((m.shape for m in zo.round_robin_bit16_meta[g]), zo.round_robin_bit16_offsets[g]),
+                    dist.get_rank(group=group) * int(zo.partition_size[g]))
+    elif engine.zero_optimization_stage() == 3:
+        # Every param is split evenly over the ranks (rank r holds [r * k, (r + 1) * k) of it) and a sub-group's flat
+        # partition is the concatenation of its params' pieces, k elements each.
+        for g, params in enumerate(zo.fp16_groups):
+            if optimizer.param_groups[zo.sub_group_to_group_id[g]]["sinkgd"]:
+                group, offset, pieces = zo.sub_group_process_groups[g], 0, []
+                for p in params:
+                    per_rank = p.partition_numel()
+                    start = dist.get_rank(group=group) * per_rank
+                    held = max(0, min(per_rank, p.ds_numel - start))
+                    pieces.append(Piece(tuple(p.ds_shape), start if held else 0, offset, held))
+                    offset += per_rank
+                flat = zo.fp32_partitioned_groups_flat[g]
+                found[id(flat)] = Partition(pieces, group, flat.device)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up, the engine, checkpoints.
+
+
+def init_distributed(device_type: str) -> None:
+    import deepspeed
+    import deepspeed.ops
+    if device_type == "cpu":  # skip building the unused shared-memory comm op (~30 s per start)
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def initialize(config_path: str, model, optimizer, scheduler, *, batch_size: int, micro_batch_size: int,
+               grad_clip: float, bf16: bool):
+    """deepspeed.initialize on the config file, with the batch, clipping and precision set from train.py's options
+    (one file serves every model size)."""
+    import deepspeed
+    with open(config_path) as f:
+        config = json.load(f)
+    config |= {
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": batch_size // (micro_batch_size * dist.get_world_size()),
+        "gradient_clipping": grad_clip,  # explicit: DeepSpeed 0.19.8 clips at 1.0 when the key is absent
+        "bf16": config.get("bf16", {}) | {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if isinstance(optimizer, ZeroSinkGD):
+        optimizer.attach(engine)
+    engine.checkpoint_engine.load = load_deepspeed_file
+    return engine
+
+
+def load_deepspeed_file(path: str, map_location=None):
+    """DeepSpeed 0.19.8 loads its checkpoint files with torch.load(weights_only=False), which runs whatever code a
+    crafted file holds. Load them as data instead, allowing only the DeepSpeed classes they contain."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save(engine, out_dir: Path, step: int, state: dict, keep: int) -> None:
+    """Every rank writes its part of step_XXXXXXXX/ through DeepSpeed (model, optimizer, schedule; `state` rides
+    along); rank 0 commits it once all have finished."""
+    tag_dir = Path(out_dir) / f"step_{step:08d}"
+    if dist.get_rank() == 0:  # saving a tag again (after a resume from an older one): incomplete until committed
+        (tag_dir / checkpoint.MANIFEST).unlink(missing_ok=True)
+    try:
+        engine.save_checkpoint(str(out_dir), tag=tag_dir.name, client_state=state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write to a path as a RuntimeError
+        raise OSError(checkpoint.write_error(tag_dir, e)) from e
+    if dist.get_rank() == 0:
+        checkpoint.commit_deepspeed(tag_dir, keep)
+    dist.barrier()
+
+
+def resume(engine, out_dir: Path) -> dict | None:
+    """Load the newest checkpoint that rank 0 found intact on every rank; its client state, or None."""
+    tag = [checkpoint.newest_intact_deepspeed_tag(out_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(tag, src=0)
+    if tag[0] is None:
+        return None
+    return engine.load_checkpoint(str(out_dir), tag=tag[0])[1]
+
+
+def local_rank_device(device_type: str) -> torch.device:
+    if device_type != "cuda":
+        return torch.device(device_type)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
