@@ -27,8 +27,7 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> 
     if grad.dim() != 2:
         raise ValueError(f"sr_sinkhorn expects a 2-D matrix, got shape {tuple(grad.shape)}")
     m, n = grad.shape
-    lo, hi = torch.aminmax(grad, dim=1)
-    row_max = torch.maximum(hi, lo.neg()).to(work_dtype(grad))  # (m,)
+    row_max = torch.maximum(grad.amax(dim=1), grad.amin(dim=1).neg()).to(work_dtype(grad))  # (m,); aminmax is slow
     tiny = torch.finfo(row_max.dtype).tiny
     # A zero row divides by the smallest subnormal instead of by 0, and stays zero.
     B = torch.div(grad, row_max.clamp_min(tiny * torch.finfo(row_max.dtype).eps)[:, None], out=out).square_()

@@ -66,8 +66,7 @@ def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduc
     blocks = [(slice(r, r + h), slice(c, c + w), grad[o:o + h * w].view(h, w), out[o:o + h * w].view(h, w))
               for r, c, h, w, o in part.blocks]
     for rows, _, g, _ in blocks:  # blocks never share a row
-        lo, hi = torch.aminmax(g, dim=1)
-        row_max[rows] = torch.maximum(hi, lo.neg())
+        row_max[rows] = torch.maximum(g.amax(dim=1), g.amin(dim=1).neg())
     all_reduce(row_max, "max")
     tiny = torch.finfo(out.dtype).tiny
     floor = out.new_full((), tiny)
