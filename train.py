@@ -182,8 +182,7 @@ class LocalEngine(nn.Module):
     step(), which after the last micro-batch of a batch clips, steps the optimizer and, if it applied the step (it
     skips a non-finite one, see SinkGD), the schedule; was_step_applied() says which."""
 
-    def __init__(self, model: nn.Module, optimizer: SinkGD, scheduler, accumulation: int, grad_clip: float,
-                 compile: bool):
+    def __init__(self, model: nn.Module, optimizer: SinkGD, scheduler, accumulation: int, grad_clip: float, compile):
         super().__init__()
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.compiled = torch.compile(model) if compile else model
@@ -316,7 +315,8 @@ def train(cfg: TrainConfig) -> dict:
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
     if cfg.deepspeed_config:
         engine = zero.initialize(cfg.deepspeed_config, model, optimizer, scheduler, batch_size=cfg.batch_size,
-                                 micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, bf16=bf16)
+                                 micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, bf16=bf16,
+                                 compile=cfg.compile)
     else:
         engine = LocalEngine(model, optimizer, scheduler, accumulation, cfg.grad_clip, cfg.compile)
     resumed = resume(engine, out_dir) if cfg.resume else None

@@ -179,9 +179,9 @@ def init_distributed(device_type: str) -> None:
 
 
 def initialize(config_path: str, model, optimizer, scheduler, *, batch_size: int, micro_batch_size: int,
-               grad_clip: float, bf16: bool):
+               grad_clip: float, bf16: bool, compile: bool = False):
     """deepspeed.initialize on the config file, with the batch, clipping and precision set from train.py's options
-    (one file serves every model size)."""
+    (one file serves every model size), and the engine's torch.compile if asked."""
     import deepspeed
     with open(config_path) as f:
         config = json.load(f)
@@ -197,6 +197,8 @@ def initialize(config_path: str, model, optimizer, scheduler, *, batch_size: int
     if isinstance(optimizer, ZeroSinkGD):
         optimizer.attach(engine)
     engine.checkpoint_engine.load = load_deepspeed_file
+    if compile:
+        engine.compile()
     return engine
 
 

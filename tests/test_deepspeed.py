@@ -97,6 +97,15 @@ def test_zero_equals_single_process(case, optimizer, data_dir, single_process, t
     assert_same_training(metrics, weights, *single_process(optimizer), tol=1e-5)
 
 
+def test_compiled_engine_equals_single_process(data_dir, single_process, tmp_path):
+    """--compile under DeepSpeed (engine.compile, inductor on the CPU): the single-process run, to float rounding."""
+    config = ds_config(tmp_path, 2)
+    metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--compile"],
+                  tmp_path / "out", ranks=2)
+    assert_same_training(metrics, deepspeed_weights(tmp_path / "out", 2, "step_00000003"), *single_process("sinkgd"),
+                         tol=1e-4)
+
+
 def test_deepspeed_checkpoint_resumes_identically(data_dir, tmp_path):
     config = ds_config(tmp_path, 2)
     args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--max_steps", "4",
