@@ -10,7 +10,8 @@ during a step beyond weights, grads and state (CUDA: allocator peak; CPU: peak R
 page-granular).
 
 This file also holds the paper's Alg. 1 (MultiNorm) written plainly, with SR-Sinkhorn and SWAN as its instances:
-SWAN is the baseline whose cost SinkGD removes, and the tests check sinkgd.sr_sinkhorn against the plain instance.
+SWAN is the baseline whose cost SinkGD removes, and the tests check the plain SR-Sinkhorn and sinkgd.sr_sinkhorn
+against the same float64 reference.
 """
 import argparse
 import json
