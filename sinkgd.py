@@ -1,9 +1,12 @@
 """SinkGD: Sinkhorn Gradient Descent, from Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless
 and Scalable LLM Training" (arXiv 2502.06742). Algorithm numbers are the paper's.
 
-`sr_sinkhorn` is Alg. 3 for one matrix; `SinkGD` is Alg. 4 with torch's AdamW for the parameters the paper leaves to
-it; `sinkgd_param_groups` makes the paper's split. zero.py runs Alg. 3 on DeepSpeed ZeRO's flat partitions.
+`sr_sinkhorn` is Alg. 3 for a matrix or a stack of them; `SinkGD` is Alg. 4 with torch's fused AdamW for the
+parameters the paper leaves to it; `sinkgd_param_groups` makes the paper's split. zero.py runs Alg. 3 on DeepSpeed
+ZeRO's flat partitions.
 """
+from collections import defaultdict
+
 import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
@@ -15,59 +18,69 @@ def work_dtype(grad: Tensor) -> torch.dtype:
 
 
 def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
-    """Alg. 3: alternately rescale the rows of G (m, n) to l2 norm sqrt(n) and its columns to l2 norm sqrt(m),
-    num_iters times, ending on the columns. Returns X (m, n) in float32 (float64 if G is), written into `out` when
-    given: the only matrix-sized memory it uses.
+    """Alg. 3 on every trailing (m, n) matrix of G (..., m, n), each on its own: alternately rescale its rows to l2
+    norm sqrt(n) and its columns to l2 norm sqrt(m), num_iters times, ending on the columns. Returns X shaped like G,
+    in float32 (float64 if G is), written into `out` (contiguous) when given: the only G-sized memory it uses.
 
     The iterate is always X = diag(r) G diag(c), so the loop runs on u = r^2 and v = c^2 with B = G^2 (elementwise):
     rows to norm sqrt(n) is u = n / (B v), columns to norm sqrt(m) is v = m / (B^T u). Each row of G is divided by
     its largest magnitude before squaring: X does not change (rows are normalised first) and B <= 1 cannot
     overflow. An entry at most 2^-63 (~1.08e-19) times its row's largest magnitude then squares below float32's
     normal range and counts as zero: X is Alg. 3 of G with those entries set to zero (float64 G: 2^-511)."""
-    if grad.dim() != 2:
-        raise ValueError(f"sr_sinkhorn expects a 2-D matrix, got shape {tuple(grad.shape)}")
-    m, n = grad.shape
-    row_max = torch.maximum(grad.amax(dim=1), grad.amin(dim=1).neg()).to(work_dtype(grad))  # (m,); aminmax is slow
+    if grad.dim() < 2:
+        raise ValueError(f"sr_sinkhorn expects a matrix or a stack of matrices, got shape {tuple(grad.shape)}")
+    m, n = grad.shape[-2:]
+    G = grad.reshape(-1, m, n)  # (k, m, n), a view for the layouts SinkGD passes
+    row_max = torch.maximum(G.amax(dim=2), G.amin(dim=2).neg()).to(work_dtype(grad))  # (k, m); aminmax is slow
     tiny = torch.finfo(row_max.dtype).tiny
     # A zero row divides by the smallest subnormal instead of by 0, and stays zero.
-    B = torch.div(grad, row_max.clamp_min(tiny * torch.finfo(row_max.dtype).eps)[:, None], out=out).square_()
+    B = torch.div(G, row_max.clamp_min(tiny * torch.finfo(row_max.dtype).eps)[:, :, None],
+                  out=None if out is None else out.view(G.shape)).square_()
     torch.nn.functional.threshold_(B, tiny, 0.0)  # squares below the normal range: zero, not subnormal
-    B_t, floor, v = B.t(), B.new_full((), tiny), B.new_ones(n)
-    for k in range(num_iters):
-        u = torch.addmv(floor, B, v, alpha=1 / n).reciprocal_()  # (m,); a zero row gets 1/tiny and adds 0 below
-        col_sumsq = torch.mv(B_t, u)  # (n,)
-        # Before the last iteration v is taken up to the gauge (u, v) -> (u k, v / k), which leaves X unchanged:
+    B_t, floor, v = B.mT, B.new_full((), tiny), B.new_ones(len(B), 1, n)
+    for i in range(num_iters):  # u and v as row vectors (k, 1, m) and (k, 1, n): v^T B^T is the CPU's fast bmm
+        u = torch.baddbmm(floor, v, B_t, alpha=1 / n).reciprocal_()  # a zero row gets 1/tiny and adds 0 below
+        col_sumsq = torch.bmm(u, B)
+        # Before the last iteration v is taken up to the gauge (u, v) -> (u t, v / t), which leaves X unchanged:
         # scaled so that its smallest entry is 1, it bounds u <= n for any dynamic range of G. A zero column: 0.
-        v = (m / col_sumsq if k == num_iters - 1 else col_sumsq.amax() / col_sumsq).nan_to_num_(posinf=0.0)
-    return B.mul_(u[:, None]).mul_(v).sqrt_().copysign_(grad)
+        v = (m / col_sumsq if i == num_iters - 1 else col_sumsq.amax(2, keepdim=True) / col_sumsq).nan_to_num_(posinf=0)
+    return B.mul_(u.mT).mul_(v).sqrt_().copysign_(G).view(grad.shape)
+
+
+# Per device type, the most bytes of gradient copy and float32 X per stack (0: each matrix alone). Measured with
+# tools/bench_optimizer.py: on a GPU a stack saves kernel launches; on a CPU stacks beyond its cache gain nothing.
+STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 
 
 class SinkGD(torch.optim.Optimizer):
-    """Alg. 4. A group with sinkgd=True holds 2-D matrices and keeps no state:
+    """Alg. 4. A group with sinkgd=True holds matrices (or stacks of them, e.g. MoE experts) and keeps no state:
         W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
-    A group with sinkgd=False is stepped by torch's own AdamW (the embedding, norms and head in the paper).
+    transposed=True for weights stored (..., in, out), so that rows are output features as in the paper. A group with
+    sinkgd=False is stepped by torch's fused AdamW (the embedding, norms and head in the paper).
 
-    Finiteness is decided once per step for all gradients, before any weight is written (the step's one host sync).
-    A non-finite gradient raises FloatingPointError, or with skip_nonfinite=True skips the whole step and sets
-    `overflow`, the flag by which DeepSpeed's engine (and train.py's) leaves the lr schedule alone too."""
+    Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes[device type], so the kernels
+    of a step follow the number of shapes, not of layers. Finiteness is decided on the device and masks the whole
+    step (AdamW's through its found_inf); the one host sync reads it after every kernel is queued. Then a non-finite
+    gradient raises FloatingPointError, or with skip_nonfinite=True sets `overflow`, the flag by which DeepSpeed's
+    engine (and train.py's) leaves the lr schedule alone too. Either way no weight or AdamW state has changed."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, sinkgd: bool = True, skip_nonfinite: bool = False):
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if sinkhorn_iters < 1:
-            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+                 weight_decay: float = 0.0, sinkgd: bool = True, transposed: bool = False,
+                 skip_nonfinite: bool = False, stack_bytes: dict | None = None):
+        if not lr > 0 or sinkhorn_iters < 1:
+            raise ValueError(f"need lr > 0 and sinkhorn_iters >= 1, got lr={lr}, sinkhorn_iters={sinkhorn_iters}")
         super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps,
-                                      weight_decay=weight_decay, sinkgd=sinkgd))
+                                      weight_decay=weight_decay, sinkgd=sinkgd, transposed=transposed))
         self.skip_nonfinite, self.overflow = skip_nonfinite, False
+        self.stack_bytes = STACK_BYTES if stack_bytes is None else stack_bytes
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
+        not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
         if group["sinkgd"] and not_matrices:
-            raise ValueError(f"SinkGD groups take 2-D matrices only, got shapes {not_matrices}; put them in a "
-                             "group with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
+            raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put them in a group "
+                             "with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -75,55 +88,86 @@ class SinkGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.overflow = not self._grads_finite()
+        found_inf = self._found_inf()
+        for group in self.param_groups:
+            (self._sinkgd_update if group["sinkgd"] else self._adamw_update)(group, found_inf)
+        self.overflow = found_inf is not None and bool(found_inf)  # the step's one host sync, after its kernels
         if self.overflow and not self.skip_nonfinite:
             raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
-        if not self.overflow:
-            for group in self.param_groups:
-                (self._sinkgd_update if group["sinkgd"] else self._adamw_update)(group)
         return loss
 
-    def _grads_finite(self) -> bool:
-        """By every gradient's min and max: NaN propagates to both, and unlike a norm they cannot overflow."""
+    def _found_inf(self) -> Tensor | None:
+        """1.0 on the device if a gradient is not finite, else 0.0: by min and max, which NaN reaches and which,
+        unlike a norm, cannot overflow."""
         extremes = [x for group in self.param_groups for p in group["params"]
                     if p.grad is not None and p.grad.numel() for x in torch.aminmax(p.grad)]
-        return not extremes or bool(torch.stack(extremes).isfinite().all())
+        return torch.stack(extremes).isfinite().all().logical_not().float() if extremes else None
 
-    def _sinkgd_update(self, group: dict) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if params:  # one buffer the size of the largest matrix, reused matrix after matrix
-            workspace = torch.empty(max(p.numel() for p in params), dtype=work_dtype(params[0].grad),
-                                    device=params[0].device)
-        for p in params:
-            update = sr_sinkhorn(p.grad, group["sinkhorn_iters"], out=workspace[:p.numel()].view(p.shape))
-            self._apply(p, update, group)
+    def _sinkgd_update(self, group: dict, found_inf: Tensor | None) -> None:
+        by_shape, stacks = defaultdict(list), []
+        for p in (p for p in group["params"] if p.grad is not None):
+            by_shape[p.shape, p.grad.dtype, p.device].append(p)
+        for (shape, dtype, device), same in by_shape.items():
+            k = max(1, self.stack_bytes.get(device.type, 0) // (same[0].numel() * (dtype.itemsize + 4)))
+            stacks += [same[i:i + k] for i in range(0, len(same), k)]
+        if not stacks:
+            return
+        workspace = torch.empty(max(len(s) * s[0].numel() for s in stacks), dtype=work_dtype(stacks[0][0].grad),
+                                device=stacks[0][0].device)  # X of each stack in turn
+        as_paper = (lambda t: t.mT) if group["transposed"] else (lambda t: t)  # (..., out features, in features)
+        for stack in stacks:
+            grads = [as_paper(p.grad) for p in stack]
+            G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n); a lone one: no copy
+            X = sr_sinkhorn(G, group["sinkhorn_iters"], out=workspace[:G.numel()].view(G.shape))
+            self._apply([as_paper(p) for p in stack], X, group, found_inf)
+            del G  # before the next stack's copy is made
 
     @staticmethod
-    def _apply(p: Tensor, update: Tensor, group: dict) -> None:
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as in AdamW
-        p.add_(update, alpha=-group["lr"])
+    def _apply(weights: list[Tensor], updates: Tensor, group: dict, found_inf: Tensor | None) -> None:
+        """weights[i] -= lr * updates[i] after decoupled weight decay, none of it on a skipped step."""
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if found_inf is not None:
+            updates.masked_fill_(found_inf > 0, 0.0)
+        if weight_decay:
+            torch._foreach_mul_(weights, 1 - lr * weight_decay * (1 if found_inf is None else 1 - found_inf))
+        torch._foreach_add_(weights, updates.unbind(0), alpha=-lr)
 
-    def _adamw_update(self, group: dict) -> None:
+    def _adamw_update(self, group: dict, found_inf: Tensor | None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:  # torch.optim.AdamW's state, made on first use
-            self.state[p] = self.state[p] or dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                                  exp_avg_sq=torch.zeros_like(p))
+        for p in params:  # torch.optim.AdamW(fused=True)'s state, made on first use
+            self.state[p] = self.state[p] or dict(step=torch.zeros((), device=p.device),
+                                                  exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
         adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [], [s["step"] for s in states], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+              [], [s["step"] for s in states], fused=True, found_inf=found_inf, amsgrad=False,
+              beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=False)
 
 
 def sinkgd_param_groups(model: nn.Module, blocks: nn.Module, lr: float, alpha: float = 0.05,
                         weight_decay: float = 0.0) -> list[dict]:
-    """The paper's split: SinkGD, at lr alpha * lr, on the weight of every nn.Linear inside `blocks` (the transformer
-    layers: attention q/k/v/o and MLP gate/up/down); AdamW, at lr, on all other parameters (token embedding, RMSNorm
-    weights, output head). By module role, not by dim() == 2: the embedding and head are matrices that AdamW owns."""
-    matrices = [m.weight for m in blocks.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
-    chosen = {id(p) for p in matrices}
+    """The paper's split: SinkGD, at lr alpha * lr, on every linear-map weight inside `blocks` (the transformer
+    layers): nn.Linear (out, in), transformers' Conv1D (GPT-2; stored (in, out)), and 3-D MoE expert tensors
+    (experts, out, in), or (experts, in, out) where their module sets is_transposed (transformers 5). AdamW, at lr, on
+    all else: token embedding, norms, biases, output head, and routers (in transformers 5 a bare (experts, hidden)
+    weight). By module role, not by dim() == 2: the embedding and head are matrices too."""
+    matrices = []  # (weight, stored (..., in, out))
+    for module in blocks.modules():
+        if isinstance(module, nn.Linear):
+            matrices.append((module.weight, False))
+        elif type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: y = x W + b, W (in, out)
+            matrices.append((module.weight, True))
+        elif not isinstance(module, nn.modules.conv._ConvNd):
+            matrices += [(p, getattr(module, "is_transposed", False)) for p in module.parameters(recurse=False)
+                         if p.dim() == 3]
+    matrices = [(p, t) for p, t in matrices if p.requires_grad]
+    if not matrices:
+        raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "
+                         f"{type(blocks).__name__}; pass the module that holds the transformer layers")
+    chosen = {id(p) for p, _ in matrices}
     if not chosen <= {id(p) for p in model.parameters()}:
         raise ValueError("sinkgd_param_groups: `blocks` must be a submodule of `model`")
+    sinkgd = [dict(params=[p for p, t in matrices if t == layout], sinkgd=True, transposed=layout, lr=alpha * lr,
+                   weight_decay=weight_decay) for layout in (False, True)]
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return [dict(params=matrices, sinkgd=True, lr=alpha * lr, weight_decay=weight_decay),
-            dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
+    return [g for g in sinkgd if g["params"]] + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]

@@ -105,19 +105,19 @@ class ZeroSinkGD(SinkGD):
     def attach(self, engine) -> None:
         self.partitions = zero_partitions(engine, self)
 
-    def _grads_finite(self) -> bool:
+    def _found_inf(self):
         # Under ZeRO, DeepSpeed's optimizer already skipped the step if the global gradient norm was not finite.
-        return bool(self.partitions) or super()._grads_finite()
+        return None if self.partitions else super()._found_inf()
 
-    def _sinkgd_update(self, group: dict) -> None:
+    def _sinkgd_update(self, group: dict, found_inf) -> None:
         flats = [p for p in group["params"] if id(p) in self.partitions]
         if not flats:
-            return super()._sinkgd_update(group)
+            return super()._sinkgd_update(group, found_inf)
         for flat in flats:
             part = self.partitions[id(flat)]
             update = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"],
                                          lambda t, op: dist.all_reduce(t, op=REDUCE_OPS[op], group=part.process_group))
-            self._apply(flat, update, group)
+            self._apply([flat], update[None], group, found_inf)
 
 
 def zero_partitions(engine, optimizer: SinkGD) -> dict[int, Partition]:

@@ -31,7 +31,7 @@ TEST_CONFIG = model_module.LlamaConfig(hidden_size=32, intermediate_size=64, num
                                        num_hidden_layers=2, max_position_embeddings=64)
 ACCUMULATION = 2  # micro-batches per step in every run here, so a fault can land mid-step
 # 12 steps; a checkpoint every 4 with only the newest 2 kept, so pruning happens too
-ARGS = ["--preset", "llama_tiny", "--model", TEST_MODEL, "--seq_len", "32", "--batch_size", "8",
+ARGS = ["--device", "cpu", "--preset", "llama_tiny", "--model", TEST_MODEL, "--seq_len", "32", "--batch_size", "8",
         "--micro_batch_size", "4", "--max_steps", "12", "--warmup_frac", "0.25", "--eval_interval", "4",
         "--eval_tokens", "264", "--log_interval", "1", "--ckpt_interval", "4", "--keep_checkpoints", "2",
         "--device", "cpu", "--dtype", "float32"]

@@ -21,9 +21,10 @@ from tools import export_hf  # noqa: E402
 # Adam's eps is raised from 1e-8: a gradient entry that is ~1e-10 only by cancellation differs between
 # summation orders by as much as itself, and Adam turns that into lr * noise / eps, a visible step.
 # At 1e-5 that amplification stays below fp32 noise, so what the test sees is the ZeRO logic.
-ARGS = ["--adam_eps", "1e-5", "--preset", "llama_tiny", "--seq_len", "32", "--batch_size", "8", "--micro_batch_size", "2",
-        "--max_steps", "3", "--warmup_frac", "0.34", "--eval_interval", "3", "--eval_tokens", "330",
-        "--log_interval", "1", "--ckpt_interval", "3", "--dtype", "float32"]
+# --device cpu: on a machine with GPUs the ranks would otherwise start NCCL on cuda:0 and cuda:1.
+ARGS = ["--device", "cpu", "--adam_eps", "1e-5", "--preset", "llama_tiny", "--seq_len", "32", "--batch_size", "8",
+        "--micro_batch_size", "2", "--max_steps", "3", "--warmup_frac", "0.34", "--eval_interval", "3",
+        "--eval_tokens", "330", "--log_interval", "1", "--ckpt_interval", "3", "--dtype", "float32"]
 
 
 def run(args, out_dir, ranks=None, extra_env=None):
