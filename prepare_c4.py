@@ -1,7 +1,7 @@
 """Tokenise C4 (or an offline demo corpus) into GPT-2 token shards for train.py.
 
     python prepare_c4.py --demo                                       # offline corpus -> data/demo
-    python prepare_c4.py --out_dir data/c4 --train_files 1 --val_files 1  # download allenai/c4 'en'
+    python prepare_c4.py --out_dir data/c4 --train_files 1 --val_files 1  # allenai/c4 'en' via the Hub cache
     python prepare_c4.py --input /path/*.json.gz --out_dir data/c4_sample  # local C4-format files
 
 Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens; documents are
@@ -25,9 +25,9 @@ before use, and `TokenLoader` draws train.py's batches from them.
 """
 import argparse
 import ast
+import errno
 import gzip
 import hashlib
-import http.client
 import importlib.util
 import itertools
 import json
@@ -35,16 +35,19 @@ import multiprocessing
 import os
 import re
 import struct
+import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import huggingface_hub
+import huggingface_hub.errors as hf_errors
+import httpx2  # huggingface_hub's HTTP client, whose errors it lets through
 import numpy as np
 import tiktoken
 import torch
@@ -64,7 +67,8 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_FRACTION = 0.01
 DEMO_VAL_FRACTION = 0.15  # small corpus: enough val windows that a val loss has a small standard error
 BATCH_CHARS = 1 << 20  # text per worker task: big enough to amortise pickling, small enough to balance
-C4_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/en/"
+PROGRESS_EVERY_S = 10
+C4_REPO = "allenai/c4"
 C4_TRAIN_FILES, C4_VAL_FILES = 1024, 8
 INPUT_SUFFIXES = (".json.gz", ".jsonl", ".jsonl.gz")
 
@@ -193,9 +197,10 @@ class TokenLoader:
             self._order = np.random.default_rng([self.seed, self.epoch]).permutation(int(self.first_window[-1]))
         return self._order
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the next global batch: (inputs, targets), each (batch/world, seq_len). A batch never
-        spans two epochs (the last partial batch of an epoch is dropped), so no window appears twice in it."""
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """This rank's share of the next global batch: (batch/world, seq_len + 1) int64 tokens in one contiguous (and,
+        if pin_memory, pinned) tensor, so that one asynchronous copy moves it; inputs are [:, :-1], targets [:, 1:].
+        A batch never spans two epochs (the last partial batch of an epoch is dropped), so no window appears twice."""
         if batch_size > len(self.order()):
             raise ShardError(f"train shards hold {len(self.order())} windows of {self.window} tokens, "
                                         f"fewer than one batch of {batch_size}")
@@ -205,9 +210,9 @@ class TokenLoader:
         self.position += batch_size
         per_rank = batch_size // self.world_size
         rows = [self.read_window(w) for w in picked[self.rank * per_rank:(self.rank + 1) * per_rank]]
-        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
-        tokens = tokens.pin_memory() if self.pin_memory else tokens
-        return tokens[:, :-1], tokens[:, 1:]
+        tokens = torch.empty(len(rows), self.window, dtype=torch.int64, pin_memory=self.pin_memory)
+        np.stack(rows, out=tokens.numpy())  # read straight into the (pinned) tensor
+        return tokens
 
     def read_window(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.first_window, index, side="right")) - 1
@@ -232,118 +237,67 @@ def validation_windows(shards: list[np.ndarray], seq_len: int, budget: int) -> n
 
 # ---------------------------------------------------------------- download
 
-def c4_urls(train_files: int, val_files: int) -> list[str]:
+def c4_filenames(train_files: int, val_files: int) -> list[str]:
+    """The first train_files train and val_files validation files of C4 'en', as paths in the Hub repo."""
     if not (0 <= train_files <= C4_TRAIN_FILES and 0 <= val_files <= C4_VAL_FILES):
         raise PrepareError(f"C4 'en' has {C4_TRAIN_FILES} train and {C4_VAL_FILES} validation files; "
                            f"asked for {train_files} and {val_files}")
-    return ([C4_URL + f"c4-train.{i:05d}-of-{C4_TRAIN_FILES:05d}.json.gz" for i in range(train_files)]
-            + [C4_URL + f"c4-validation.{i:05d}-of-{C4_VAL_FILES:05d}.json.gz" for i in range(val_files)])
+    return ([f"en/c4-train.{i:05d}-of-{C4_TRAIN_FILES:05d}.json.gz" for i in range(train_files)]
+            + [f"en/c4-validation.{i:05d}-of-{C4_VAL_FILES:05d}.json.gz" for i in range(val_files)])
 
 
-def download(url: str, dest, attempts: int = 5, backoff_s: float = 2.0) -> Path:
-    """Fetch url to dest unless it is there, resuming dest.part across failures with HTTP Range."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(1, attempts + 1):
-        try:
-            expected_sha256 = _fetch_into(url, part)
-            if expected_sha256 and _sha256(part) != expected_sha256:
-                part.unlink()
-                raise PrepareError(f"download of {url} does not match the sha256 the server gave; "
-                                   "it was deleted, run again")
-            os.replace(part, dest)
-            return dest
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying won't help
-                raise PrepareError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
-            error = e
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
-            error = e
-        if attempt < attempts:
-            delay = backoff_s * 2 ** (attempt - 1)
-            print(f"{dest.name}: {error!r}; retry {attempt}/{attempts - 1} in {delay:.0f}s", flush=True)
-            time.sleep(delay)
-    raise PrepareError(f"download of {url} failed after {attempts} attempts: {error!r}")
+def download_c4(train_files: int, val_files: int) -> list[Path]:
+    """The C4 files in the Hugging Face Hub cache, downloading those not there yet. huggingface_hub brings the
+    retries, in-run resume, progress bar, HF_TOKEN, HF_ENDPOINT mirrors, HF_HUB_OFFLINE and the HF_HOME cache."""
+    return [_download_c4_file(filename) for filename in c4_filenames(train_files, val_files)]
 
 
-def _linked_sha256(headers) -> str | None:
-    """Hugging Face serves a Git LFS file through a redirect whose X-Linked-Etag is the file's sha256."""
-    etag = (headers.get("X-Linked-Etag") or "").strip().strip('"')
-    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
-
-
-class _LinkedSha256Recorder(urllib.request.HTTPRedirectHandler):
-    sha256 = None
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.sha256 = _linked_sha256(headers) or self.sha256
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fetch_into(url: str, part: Path) -> str | None:
-    """One attempt: append the rest of url to part; raise if the body ends short. Returns the file's
-    sha256 when the server gave one."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    recorder = _LinkedSha256Recorder()
+def _download_c4_file(filename: str) -> Path:
+    what = f"{filename} of dataset {C4_REPO}"
+    local = "or pass files you already have with --input"
     try:
-        response = urllib.request.build_opener(recorder).open(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416:
-            raise
-        # Range Not Satisfiable: either part is already complete (stopped before the rename)
-        # or the remote file changed; in the latter case start again.
-        if _content_range(e.headers.get("Content-Range", ""))[1] == have:
-            return recorder.sha256 or _linked_sha256(e.headers)
-        part.unlink()
-        raise ConnectionError(f"{part.name} does not match the remote file; restarting") from e
-    with response, open(part, "ab" if have else "wb") as f:
-        if response.status == 206:
-            start, total = _content_range(response.headers.get("Content-Range", ""))
-            if start != have:
-                raise ConnectionError(f"server resumed at byte {start}, expected {have}")
-        else:  # 200: the server ignored Range and sends the whole file
-            f.truncate(0)
-            have, length = 0, response.headers.get("Content-Length")
-            total = int(length) if length else None
-        started, resumed_at, last_print = time.monotonic(), have, 0.0
-        try:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                have += len(chunk)
-                now = time.monotonic()
-                if now - last_print > 1 or have == total:
-                    last_print = now
-                    of_total = f" / {total / 1e6:.1f}" if total else ""
-                    speed = (have - resumed_at) / 1e6 / max(now - started, 1e-9)
-                    print(f"\r{part.name.removesuffix('.part')}: {have / 1e6:.1f}{of_total} MB, "
-                          f"{speed:.1f} MB/s", end="", flush=True)
-        finally:
-            print()  # end the progress line
-    if total is not None and have != total:
-        raise ConnectionError(f"connection closed after {have} of {total} bytes")
-    return recorder.sha256 or _linked_sha256(response.headers)
+        path = Path(huggingface_hub.hf_hub_download(C4_REPO, filename, repo_type="dataset"))
+    except hf_errors.LocalEntryNotFoundError as e:  # not cached, and the Hub could not (or may not) be asked
+        if huggingface_hub.constants.is_offline_mode():
+            raise PrepareError(f"{what} is not in the Hub cache {huggingface_hub.constants.HF_HUB_CACHE} and "
+                               f"HF_HUB_OFFLINE is set; unset it to download, {local}") from e
+        raise PrepareError(f"cannot reach {huggingface_hub.constants.ENDPOINT} to download {what} "
+                           f"({_first_line(e.__cause__ or e)}); check the network or proxy, set HF_ENDPOINT to a "
+                           f"mirror, {local}") from e
+    except hf_errors.HfHubHTTPError as e:  # the Hub answered with an error: a retry would get the same answer
+        status = e.response.status_code
+        fix = ("check that HF_ENDPOINT serves allenai/c4" if status == 404
+               else "set HF_TOKEN to a token that can read it" if status in (401, 403) else "try again later")
+        detail = f": {_first_line(e.server_message)}" if e.server_message else ""
+        raise PrepareError(f"{huggingface_hub.constants.ENDPOINT} refused {what} (HTTP {status}{detail}); "
+                           f"{fix}, {local}") from e
+    except (OSError, httpx2.TransportError) as e:  # the client gave up retrying a cut connection, or the disk
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise PrepareError(f"no disk space left to download {what} into {huggingface_hub.constants.HF_HUB_CACHE}; "
+                               "free some or set HF_HOME to a larger disk") from e
+        raise PrepareError(f"download of {what} failed ({_first_line(e)}); check the network and run again") from e
+    _check_sha256(path, what)
+    return path
 
 
-def _content_range(header: str) -> tuple[int | None, int | None]:
-    """(first byte, total size) from 'bytes 100-199/1000' or 'bytes */1000'; None where unknown."""
-    match = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", header.strip())
-    if not match:
-        return None, None
-    start, total = match.groups()
-    return (int(start) if start else None), (int(total) if total != "*" else None)
+def _check_sha256(path: Path, what: str) -> None:
+    """Refuse a cached file whose bytes differ from the sha256 the Hub named it by: the client checks only the
+    size of a plain HTTP download, and a corrupt .json.gz would be tokenised up to the damage."""
+    blob = path.resolve()  # the cache links snapshots/<commit>/<filename> to blobs/<sha256 of an LFS file>
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return
+    with open(blob, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() == blob.name:
+            return
+    blob.unlink()
+    path.unlink()
+    raise PrepareError(f"the download of {what} does not match its sha256 {blob.name}; it was deleted from the "
+                       "cache, run again")
 
 
-def download_c4(raw_dir, train_files: int, val_files: int) -> list[Path]:
-    return [download(url, Path(raw_dir) / url.rsplit("/", 1)[1]) for url in c4_urls(train_files, val_files)]
+def _first_line(message) -> str:
+    """An exception or server message cut to its first line, as errors here are one line."""
+    return (str(message).strip().splitlines() or [type(message).__name__])[0]
 
 
 # ---------------------------------------------------------------- documents
@@ -352,14 +306,16 @@ def download_c4(raw_dir, train_files: int, val_files: int) -> list[Path]:
 class LineCounts:
     lines: int = 0
     bad: int = 0
+    bytes_read: int = 0  # of the input files as stored (compressed for .gz), for the progress line
 
 
 def read_c4_file(path: Path, counts: LineCounts):
     """Yield the `text` of each JSON line of a C4 .json.gz/.jsonl file; count and skip corrupt lines."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    read_before = counts.bytes_read
     try:
-        with opener(path, "rb") as f:
+        with open(path, "rb") as raw, (gzip.open(raw) if path.name.endswith(".gz") else nullcontext(raw)) as f:
             for line in f:
+                counts.bytes_read = read_before + raw.tell()
                 if not line.strip():
                     continue
                 counts.lines += 1
@@ -376,6 +332,7 @@ def read_c4_file(path: Path, counts: LineCounts):
         counts.lines += 1
         counts.bad += 1
         print(f"warning: {path}: {e}; skipping the rest of the file", flush=True)
+    counts.bytes_read = read_before + path.stat().st_size
 
 
 def split_documents(paths, val_fraction: float, counts: LineCounts, max_bad_fraction: float):
@@ -537,8 +494,9 @@ class _ShardWriter:
 
 
 def write_token_shards(documents, out_dir, *, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                       workers: int | None = None) -> PrepareSummary:
-    """Tokenise (split, text) pairs with `workers` processes and write them as shards in out_dir."""
+                       workers: int | None = None, fraction_read=None) -> PrepareSummary:
+    """Tokenise (split, text) pairs with `workers` processes and write them as shards in out_dir.
+    fraction_read(), when given, is how much of the input has been read, for the progress line."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_shards(out_dir)
@@ -551,31 +509,35 @@ def write_token_shards(documents, out_dir, *, shard_tokens: int = DEFAULT_SHARD_
             writers[split].add(tokens)
             summary.documents[split] += num_docs
             summary.tokens[split] += len(tokens)
-            if (now := time.monotonic()) - last_print > 2:
-                last_print, elapsed = now, now - started
-                total_docs, total_tokens = sum(summary.documents.values()), sum(summary.tokens.values())
-                print(f"\r{total_docs:,} docs, {total_tokens / 1e6:,.1f}M tokens, "
-                      f"{total_docs / elapsed:,.0f} docs/s, {total_tokens / elapsed / 1e6:.2f}M tokens/s",
-                      end="", flush=True)
+            if (now := time.monotonic()) - last_print >= PROGRESS_EVERY_S:
+                last_print = now
+                print(_progress_line(summary, now - started, fraction_read), file=sys.stderr, flush=True)
         for writer in writers.values():
             writer.flush()
     except BaseException:
         _remove_shards(out_dir)
         raise
-    if last_print > started:
-        print()
     summary.shards = writers["train"].paths + writers["val"].paths
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _progress_line(summary: PrepareSummary, elapsed: float, fraction_read) -> str:
+    docs, tokens = sum(summary.documents.values()), sum(summary.tokens.values())
+    line = (f"tokenised {docs:,} documents, {tokens / 1e6:,.1f}M tokens: {docs / elapsed:,.0f} documents/s, "
+            f"{tokens / elapsed / 1e6:.2f}M tokens/s")
+    return line + (f", {fraction_read():.1%} of the input read" if fraction_read else "")
 
 
 def prepare_files(paths, out_dir, *, val_fraction: float = DEFAULT_VAL_FRACTION,
                   shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
                   max_bad_fraction: float = 0.001) -> PrepareSummary:
     """Shards from C4-format .json.gz/.jsonl files (see split_documents for the train/val split)."""
-    counts = LineCounts()
-    documents = split_documents([Path(p) for p in paths], val_fraction, counts, max_bad_fraction)
-    summary = write_token_shards(documents, out_dir, shard_tokens=shard_tokens, workers=workers)
+    paths, counts = [Path(p) for p in paths], LineCounts()
+    total_bytes = sum(path.stat().st_size for path in paths) or 1
+    documents = split_documents(paths, val_fraction, counts, max_bad_fraction)
+    summary = write_token_shards(documents, out_dir, shard_tokens=shard_tokens, workers=workers,
+                                 fraction_read=lambda: counts.bytes_read / total_bytes)
     summary.lines, summary.bad_lines = counts.lines, counts.bad
     print(summary)
     return summary
@@ -630,7 +592,7 @@ def main(argv=None) -> None:
             prepare_demo(out_dir, val_fraction=val_fraction, **options)
             return
         paths = (expand_inputs(args.input) if args.input
-                 else download_c4(out_dir / "raw", args.train_files, args.val_files))
+                 else download_c4(args.train_files, args.val_files))
         val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
         prepare_files(paths, out_dir, val_fraction=val_fraction, max_bad_fraction=args.max_bad_fraction,
                       **options)

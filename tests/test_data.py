@@ -1,12 +1,16 @@
-"""Data pipeline: offline GPT-2 encoding, shard format, C4 preparation, download resume, demo corpus."""
+"""Data pipeline: offline GPT-2 encoding, shard format, C4 preparation, download through the Hub client, demo corpus."""
+import errno
 import gzip
 import hashlib
 import http.server
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import types
 from collections import Counter
@@ -14,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+import prepare_c4
+from prepare_c4 import (EOT_TOKEN, PrepareError, ShardError, gpt2_encoding,
+                        main, open_shard, prepare_demo, prepare_files, shard_paths, write_shard)
 
 REPO = Path(__file__).resolve().parents[1]
-import prepare_c4
-from prepare_c4 import (EOT_TOKEN, PrepareError, ShardError, download, gpt2_encoding,
-                        main, open_shard, prepare_demo, prepare_files, shard_paths, write_shard)
 
 C4_SAMPLE = REPO.parent / "shared/data/c4-sample.00000-of-00001.json.gz"
 UNICODE_TEXT = "Café naïve façade, 日本語と中文, emoji 🎉🚀👍🏽 and 👨‍👩‍👧, Ελληνικά, \t tabs\n\nnewlines  "
@@ -128,7 +134,8 @@ def long_text(words, seed):
 def c4_fixture(tmp_path_factory):
     """Two train files and a validation file with awkward documents and 5 corrupt lines."""
     root = tmp_path_factory.mktemp("c4")
-    train_a = ["First document.\nWith two lines.", "", UNICODE_TEXT, long_text(300_000, seed=1), "<|endoftext|> literal"]
+    train_a = ["First document.\nWith two lines.", "", UNICODE_TEXT, long_text(300_000, seed=1),
+               "<|endoftext|> literal"]
     train_b = [f"Document {i} of the second file, dated with `date`." for i in range(20)]
     val = ["A validation document.", UNICODE_TEXT * 3]
     corrupt = [b'{"text": "unterminated\n', b'{"url": "https://example.com/no-text"}\n', b'{"text": 42}\n',
@@ -204,60 +211,84 @@ def test_too_many_corrupt_lines_is_an_error(tmp_path):
     assert len(shard_paths(tmp_path / "out", "train")) == 1
 
 
-# ---------------------------------------------------------------- download
+def test_progress_line_shows_rates_and_fraction_of_input_read(tmp_path, monkeypatch, capsys):
+    texts = [long_text(400, seed=i) for i in range(60)]
+    path = tmp_path / "in.json.gz"  # stored uncompressed: the file is read in many buffers
+    path.write_bytes(gzip.compress(b"".join(c4_line(t, i) for i, t in enumerate(texts)), compresslevel=0))
+    monkeypatch.setattr(prepare_c4, "PROGRESS_EVERY_S", 0)  # a line per batch
+    monkeypatch.setattr(prepare_c4, "BATCH_CHARS", 100)  # a batch per document
+    prepare_files([path], tmp_path / "out", workers=1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenised")]
+    progress = [re.fullmatch(r"tokenised ([\d,]+) documents, [\d.]+M tokens: [\d,]+ documents/s, [\d.]+M tokens/s, "
+                             r"([\d.]+)% of the input read", line) for line in lines]
+    assert len(progress) == len(texts) and all(progress)
+    assert [int(m[1]) for m in progress] == list(range(1, len(texts) + 1))
+    read = [float(m[2]) for m in progress]
+    assert read == sorted(read) and len(set(read)) > 10 and read[-1] == 100.0  # grows within the file, to all of it
 
-class RangeServer(http.server.ThreadingHTTPServer):
-    """Serves one payload on loopback with Range support; can cut the first response short."""
 
-    def __init__(self, payload, cut_first_response_at=None, honour_range=True, linked_sha256=None):
-        super().__init__(("127.0.0.1", 0), RangeHandler)
-        self.payload, self.cut_at, self.honour_range = payload, cut_first_response_at, honour_range
-        self.linked_sha256 = linked_sha256  # like Hugging Face: /resolve/... redirects with the LFS sha256
-        self.range_headers = []
+# ---------------------------------------------------------------- download through huggingface_hub
 
-    def url(self, name):
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+C4_COMMIT = "c4" * 20
 
 
-class RangeHandler(http.server.BaseHTTPRequestHandler):
+class HubServer(http.server.ThreadingHTTPServer):
+    """Enough of the Hub's file API on loopback for huggingface_hub behind HF_ENDPOINT: HEAD of
+    /datasets/allenai/c4/resolve/main/<file> gives the commit, the sha256 etag and the size; GET serves the bytes
+    with Range. Options cut the first `cut_gets` GETs short or serve the file with one byte flipped."""
+
+    def __init__(self, files, cut_gets=0, flip_byte=False):
+        super().__init__(("127.0.0.1", 0), HubHandler)
+        self.files, self.cut_gets, self.flip_byte = files, cut_gets, flip_byte
+        self.requests = []
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.respond()
+
     def do_GET(self):
-        server, size = self.server, len(self.server.payload)
-        range_header = self.headers.get("Range")
-        server.range_headers.append(range_header)
-        if self.path == "/missing":
-            return self.send_error(404)
-        if self.path.startswith("/resolve/"):
-            self.send_response(302)
-            self.send_header("Location", "/blob")
-            self.send_header("X-Linked-Etag", f'"{server.linked_sha256}"')
+        self.respond()
+
+    def respond(self):
+        server, range_header = self.server, self.headers.get("Range")
+        server.requests.append((self.command, self.path, range_header))
+        data = server.files.get(self.path.removeprefix("/datasets/allenai/c4/resolve/main/"))
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Error-Message", "Entry not found")
             self.send_header("Content-Length", "0")
             return self.end_headers()
-        start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1]) if range_header and server.honour_range else 0
-        if start >= size > 0:
-            self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{size}")
-            self.send_header("Content-Length", "0")
-            return self.end_headers()
+        start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1]) if range_header else 0
         self.send_response(206 if start else 200)
+        self.send_header("X-Repo-Commit", C4_COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-        self.send_header("Content-Length", str(size - start))
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
-        body = server.payload[start:]
-        if server.cut_at is not None:  # drop the connection mid-file, once
-            body, server.cut_at = body[:server.cut_at], None
-        self.wfile.write(body)
+        if self.command == "GET":
+            body = bytes([data[0] ^ 1]) + data[1:] if server.flip_byte else data
+            body = body[start:]
+            if server.cut_gets:  # drop the connection mid-file
+                body, server.cut_gets = body[:1000], server.cut_gets - 1
+            self.wfile.write(body)
 
     def log_message(self, *args):
         pass
 
 
 @pytest.fixture
-def serve():
+def hub():
     servers = []
 
-    def start(payload, **options):
-        server = RangeServer(payload, **options)
+    def start(files, **options):
+        server = HubServer(files, **options)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server
@@ -268,56 +299,99 @@ def serve():
         server.server_close()
 
 
-PAYLOAD = random.Random(0).randbytes(300_000)
+C4_TRAIN_TEXTS = [long_text(20_000, seed=3), UNICODE_TEXT]
+C4_VAL_TEXTS = ["A validation document."]
+C4_TRAIN, C4_VAL = "en/c4-train.00000-of-01024.json.gz", "en/c4-validation.00000-of-00008.json.gz"
+C4_FILES = {C4_TRAIN: gzip.compress(b"".join(c4_line(t, i) for i, t in enumerate(C4_TRAIN_TEXTS))),
+            C4_VAL: gzip.compress(c4_line(C4_VAL_TEXTS[0], 0))}
 
 
-def test_download_resumes_after_dropped_connection(tmp_path, serve):
-    server = serve(PAYLOAD, cut_first_response_at=100_000)
-    dest = download(server.url("c4-train.00000-of-01024.json.gz"), tmp_path / "c4.json.gz", backoff_s=0)
-    assert dest.read_bytes() == PAYLOAD
-    assert server.range_headers == [None, "bytes=100000-"]
-    assert [p.name for p in tmp_path.iterdir()] == ["c4.json.gz"]
-    download(server.url("c4-train.00000-of-01024.json.gz"), dest)  # already there: no request
-    assert len(server.range_headers) == 2
+def run_prepare(tmp_path, endpoint="http://127.0.0.1:9", **hf_env):
+    """prepare_c4.py downloading 1 train and 1 validation file, as a user runs it, with the Hub cache in tmp_path."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1", **hf_env)
+    return subprocess.run([sys.executable, str(REPO / "prepare_c4.py"), "--out_dir", str(tmp_path / "out"),
+                           "--train_files", "1", "--val_files", "1", "--workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_download_starts_over_when_server_ignores_range(tmp_path, serve):
-    server = serve(PAYLOAD, honour_range=False)
-    (tmp_path / "c4.json.gz.part").write_bytes(b"stale" * 1000)
-    assert download(server.url("f"), tmp_path / "c4.json.gz", backoff_s=0).read_bytes() == PAYLOAD
-    assert server.range_headers == ["bytes=5000-"]
+def test_download_through_hub_client_survives_a_dropped_connection_and_works_offline(tmp_path, hub):
+    server = hub(C4_FILES, cut_gets=1)
+    run = run_prepare(tmp_path, server.endpoint)
+    assert run.returncode == 0, run.stderr
+    train_gets = [r for r in server.requests if r[:2] == ("GET", "/datasets/allenai/c4/resolve/main/" + C4_TRAIN)]
+    assert len(train_gets) == 2  # fetched again after the dropped connection (from its last 10 MB chunk)
+    for split, texts in (("train", C4_TRAIN_TEXTS), ("val", C4_VAL_TEXTS)):
+        assert np.array_equal(tokens_of(tmp_path / "out", split), expected_tokens(texts))
+    shards = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")}
+    requests = len(server.requests)
+    run = run_prepare(tmp_path, server.endpoint, HF_HUB_OFFLINE="1")  # from the cache, asking nothing
+    assert run.returncode == 0, run.stderr
+    assert len(server.requests) == requests
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")} == shards
 
 
-def test_download_of_complete_part_just_renames(tmp_path, serve):
-    server = serve(PAYLOAD)
-    (tmp_path / "c4.json.gz.part").write_bytes(PAYLOAD)  # stopped between the last byte and the rename
-    assert download(server.url("f"), tmp_path / "c4.json.gz", backoff_s=0).read_bytes() == PAYLOAD
+def test_corrupt_download_is_deleted_not_tokenised(tmp_path, hub):
+    run = run_prepare(tmp_path, hub(C4_FILES, flip_byte=True).endpoint)
+    assert run.returncode == 1
+    assert re.fullmatch(r"error: the download of en/c4-train.00000-of-01024.json.gz of dataset allenai/c4 does not "
+                        r"match its sha256 [0-9a-f]{64}; it was deleted from the cache, run again\n", run.stderr)
+    assert not list((tmp_path / "out").glob("*.bin"))
+    left = [p for p in (tmp_path / "hf").rglob("*") if p.name.endswith(".json.gz") or p.parent.name == "blobs"]
+    assert not left  # neither the snapshot link nor the blob is there to be used next time
 
 
-def test_download_is_checked_against_the_sha256_the_server_gives(tmp_path, serve):
-    good = serve(PAYLOAD, cut_first_response_at=100_000, linked_sha256=hashlib.sha256(PAYLOAD).hexdigest())
-    dest = download(good.url("resolve/c4.json.gz"), tmp_path / "good.json.gz", backoff_s=0)
-    assert dest.read_bytes() == PAYLOAD  # resumed, then verified as a whole
-    bad = serve(PAYLOAD, linked_sha256="0" * 64)
-    with pytest.raises(PrepareError, match="does not match the sha256"):
-        download(bad.url("resolve/c4.json.gz"), tmp_path / "bad.json.gz", backoff_s=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.json.gz"]  # nothing corrupt left behind
+def test_download_cut_off_for_good_is_one_line_and_leaves_nothing(tmp_path, hub):
+    run = run_prepare(tmp_path, hub(C4_FILES, cut_gets=100).endpoint)
+    assert run.returncode == 1
+    assert re.fullmatch(r"error: download of en/c4-train.00000-of-01024.json.gz of dataset allenai/c4 failed "
+                        r"\(peer closed connection .*\); check the network and run again", run.stderr.splitlines()[-1])
+    assert sum(line.startswith("error") for line in run.stderr.splitlines()) == 1  # after the client's retry warnings
+    assert not list((tmp_path / "out").glob("*.bin"))
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.parent.name == "blobs"]
 
 
-def test_download_http_error_fails_without_retrying(tmp_path, serve):
-    server = serve(PAYLOAD)
-    with pytest.raises(PrepareError, match="HTTP 404"):
-        download(server.url("missing"), tmp_path / "c4.json.gz", backoff_s=0)
-    assert len(server.range_headers) == 1
+@pytest.mark.parametrize("case, message", [
+    ("offline", r"error: en/c4-train.00000-of-01024.json.gz of dataset allenai/c4 is not in the Hub cache \S+ and "
+                r"HF_HUB_OFFLINE is set; unset it to download, or pass files you already have with --input\n"),
+    ("404", r"error: http://127.0.0.1:\d+ refused en/c4-validation.00000-of-00008.json.gz of dataset allenai/c4 "
+            r"\(HTTP 404: Entry not found\); check that HF_ENDPOINT serves allenai/c4, or pass files you already have "
+            r"with --input\n"),
+])
+def test_download_failure_is_one_line_naming_the_fix(tmp_path, hub, case, message):
+    if case == "offline":
+        run = run_prepare(tmp_path, HF_HUB_OFFLINE="1")
+    else:  # a mirror that lacks the validation file
+        run = run_prepare(tmp_path, hub({C4_TRAIN: C4_FILES[C4_TRAIN]}).endpoint)
+    assert run.returncode == 1 and re.fullmatch(message, run.stderr), run.stderr
+    assert not list((tmp_path / "out").glob("*.bin"))
 
 
-def test_c4_urls():
-    urls = prepare_c4.c4_urls(2, 1)
-    assert urls == ["https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz",
-                    "https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.00001-of-01024.json.gz",
-                    "https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-validation.00000-of-00008.json.gz"]
+def chained(error, cause):
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize("error, message", [  # in-process: the client retries a refused connection for 23 s
+    (OSError(errno.ENOSPC, "No space left on device"), r"no disk space left .*; free some or set HF_HOME to a larger"),
+    (chained(LocalEntryNotFoundError("no connection"), ConnectionRefusedError(111, "refused")),
+     r"cannot reach \S+ to download .* \(\[Errno 111\] refused\); check the network or proxy, set HF_ENDPOINT"),
+])
+def test_disk_full_or_no_network_is_one_line_naming_the_fix(monkeypatch, error, message):
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(prepare_c4.huggingface_hub, "hf_hub_download", fail)
+    monkeypatch.setattr(prepare_c4.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(PrepareError, match=message) as raised:
+        prepare_c4.download_c4(1, 0)
+    assert "\n" not in str(raised.value)
+
+
+def test_c4_filenames():
+    assert prepare_c4.c4_filenames(2, 1) == ["en/c4-train.00000-of-01024.json.gz", "en/c4-train.00001-of-01024.json.gz",
+                                             "en/c4-validation.00000-of-00008.json.gz"]
     with pytest.raises(PrepareError):
-        prepare_c4.c4_urls(1, 9)
+        prepare_c4.c4_filenames(1, 9)
 
 
 # ---------------------------------------------------------------- demo corpus and the C4 sample
