@@ -261,15 +261,22 @@ def evaluate(model, windows: np.ndarray, micro_batch_size: int, device, autocast
     return loss_sum / count
 
 
-# Dense bf16 tensor-core peak per GPU, for MFU; first matching name wins.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
-                   "A100": 312e12, "A800": 312e12, "B200": 2250e12, "L40S": 362e12, "L4": 121e12}
+# Dense bf16 tensor-core peak per GPU, for MFU (H100/H200 without a suffix: SXM).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "GH200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12}
+
+
+def peak_bf16_flops(device_name: str) -> float:
+    """The longest key found as whole words in the name ("H200 NVL" is no H200 SXM, "L40" no L4); NaN if none."""
+    found = [k for k in PEAK_BF16_FLOPS if f" {k} " in f" {device_name.replace('-', ' ')} "]
+    return PEAK_BF16_FLOPS[max(found, key=len)] if found else math.nan
 
 
 def memory_record(device: torch.device) -> dict:
     """Peak memory (CUDA: allocated tensors; CPU: the resident set) and the resident set now (the peak alone cannot
     show slow growth over a long run; None off Linux), in MiB."""
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
     try:
         with open("/proc/self/statm") as f:
@@ -292,6 +299,7 @@ def train(cfg: TrainConfig) -> dict:
     validate(cfg, world_size)
     main_rank = rank == 0
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")  # CUDA: TF32 float32 matmuls
     # DeepSpeed casts the model to bf16 itself; one device uses autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.deepspeed_config)
     for seed in (torch.manual_seed, random.seed, np.random.seed):
@@ -332,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint.truncate_log(metrics_path, step)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = world_size * next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), math.nan)
+    peak_flops = world_size * peak_bf16_flops(device_name)
     if main_rank:
         print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M params | {cfg.optimizer} | {tokens_per_step} "
               f"tokens/step ({cfg.micro_batch_size} x {accumulation} x {world_size} x {cfg.seq_len}) | {device}"
@@ -343,10 +351,10 @@ def train(cfg: TrainConfig) -> dict:
         lr = optimizer.param_groups[-1]["lr"]
         loss_sum = torch.zeros((), device=device)
         for _ in range(accumulation):
-            batch = loader.next_batch(cfg.micro_batch_size * world_size)
-            inputs, targets = (t.to(device, non_blocking=True) for t in batch)  # pinned on CUDA: asynchronous
+            # (micro-batch, seq_len + 1) tokens, pinned on CUDA: one asynchronous copy, sliced on the device
+            tokens = loader.next_batch(cfg.micro_batch_size * world_size).to(device, non_blocking=True)
             with autocast:
-                _, loss = engine(inputs, targets)
+                _, loss = engine(tokens[:, :-1], tokens[:, 1:])
             engine.backward(loss)
             engine.step()  # steps the optimizer and schedule after the last micro-batch
             loss_sum += loss.detach().float() / accumulation

@@ -58,10 +58,8 @@ def reference_windows(shards, seq_len):
     return [tuple(int(t) for t in s[i * w:(i + 1) * w]) for s in shards for i in range(len(s) // w)]
 
 
-def window_ids(batch, index_of):
-    inputs, targets = batch
-    full = torch.cat([inputs, targets[:, -1:]], dim=1)
-    return [index_of[tuple(row.tolist())] for row in full]
+def window_ids(tokens, index_of):
+    return [index_of[tuple(row.tolist())] for row in tokens]
 
 
 def tiny_config(data_dir, out_dir, **overrides) -> TrainConfig:
@@ -319,11 +317,9 @@ def test_loader_batches_are_whole_windows_of_one_shard(shards):
     ref = reference_windows(shards, 4)
     index_of = {w: i for i, w in enumerate(ref)}
     loader = TokenLoader(shards, seq_len=4, seed=0)
-    inputs, targets = loader.next_batch(6)
-    assert inputs.shape == targets.shape == (6, 4)
-    assert inputs.dtype == targets.dtype == torch.int64
-    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
-    ids = window_ids((inputs, targets), index_of)  # KeyError if a row is not a reference window
+    tokens = loader.next_batch(6)
+    assert tokens.shape == (6, 5) and tokens.dtype == torch.int64
+    ids = window_ids(tokens, index_of)  # KeyError if a row is not a reference window
     assert len(set(ids)) == 6
 
 
@@ -333,13 +329,13 @@ def test_loader_reads_memmapped_shards(tmp_path):
     mapped = [prepare_c4.open_shard(p) for p in prepare_c4.shard_paths(tmp_path, "train")]
     a = TokenLoader(mapped, seq_len=4, seed=3).next_batch(10)
     b = TokenLoader(sequential_shards([50, 31]), seq_len=4, seed=3).next_batch(10)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a, b)
 
 
 def test_loader_is_deterministic_per_seed(shards):
     def batches(seed):
         loader = TokenLoader(shards, seq_len=4, seed=seed)
-        return [torch.cat(loader.next_batch(4), dim=1) for _ in range(8)]
+        return [loader.next_batch(4) for _ in range(8)]
     same, again, other = batches(0), batches(0), batches(1)
     assert all(torch.equal(x, y) for x, y in zip(same, again))
     assert not all(torch.equal(x, y) for x, y in zip(same, other))
@@ -368,11 +364,11 @@ def test_loader_state_dict_continues_identically(shards):
         a.next_batch(4)
     state = a.state_dict()
     json.dumps(state)  # plain integers: fits a weights_only checkpoint
-    expected = [torch.cat(a.next_batch(4), dim=1) for _ in range(6)]
+    expected = [a.next_batch(4) for _ in range(6)]
     b = TokenLoader(shards, seq_len=4, seed=7)
     b.next_batch(4)  # a different position, overwritten by the load
     b.load_state_dict(state)
-    assert all(torch.equal(torch.cat(b.next_batch(4), dim=1), x) for x in expected)
+    assert all(torch.equal(b.next_batch(4), x) for x in expected)
 
 
 def test_ranks_split_the_global_batch(shards):
@@ -384,9 +380,8 @@ def test_ranks_split_the_global_batch(shards):
         full = single.next_batch(6)
         parts = [loader.next_batch(6) for loader in ranks]
         for part in parts:
-            assert part[0].shape == (3, 4)
-        assert torch.equal(torch.cat([p[0] for p in parts]), full[0])
-        assert torch.equal(torch.cat([p[1] for p in parts]), full[1])
+            assert part.shape == (3, 5)
+        assert torch.equal(torch.cat(parts), full)
         assert not set(window_ids(parts[0], index_of)) & set(window_ids(parts[1], index_of))
     assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
 

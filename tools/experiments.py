@@ -65,7 +65,7 @@ def run_training(run_dir: Path, args: list[str]) -> list[dict]:
     config, else started afresh. Returns its metrics."""
     cfg = train.parse_config(args + ["--out_dir", str(run_dir)])
     paths = sorted(run_dir.glob("ckpt_*.pt"))
-    state = torch.load(paths[-1], weights_only=True, mmap=True) if paths else None
+    state = torch.load(paths[-1], map_location="cpu", weights_only=True, mmap=True) if paths else None
     same = state is not None and {**state["config"], "resume": False} == asdict(cfg)
     if not same:
         shutil.rmtree(run_dir, ignore_errors=True)
