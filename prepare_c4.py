@@ -45,9 +45,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-import huggingface_hub
-import huggingface_hub.errors as hf_errors
-import httpx2  # huggingface_hub's HTTP client, whose errors it lets through
 import numpy as np
 import tiktoken
 import torch
@@ -253,31 +250,40 @@ def download_c4(train_files: int, val_files: int) -> list[Path]:
 
 
 def _download_c4_file(filename: str) -> Path:
+    # Imported here, not at the top: training reads shards and needs neither the Hub client nor its HTTP library.
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
     what = f"{filename} of dataset {C4_REPO}"
     local = "or pass files you already have with --input"
     try:
         path = Path(huggingface_hub.hf_hub_download(C4_REPO, filename, repo_type="dataset"))
-    except hf_errors.LocalEntryNotFoundError as e:  # not cached, and the Hub could not (or may not) be asked
-        if huggingface_hub.constants.is_offline_mode():
-            raise PrepareError(f"{what} is not in the Hub cache {huggingface_hub.constants.HF_HUB_CACHE} and "
-                               f"HF_HUB_OFFLINE is set; unset it to download, {local}") from e
-        raise PrepareError(f"cannot reach {huggingface_hub.constants.ENDPOINT} to download {what} "
-                           f"({_first_line(e.__cause__ or e)}); check the network or proxy, set HF_ENDPOINT to a "
-                           f"mirror, {local}") from e
-    except hf_errors.HfHubHTTPError as e:  # the Hub answered with an error: a retry would get the same answer
+    except errors.LocalEntryNotFoundError as e:  # not cached, and the Hub could not (or may not) be asked
+        if constants.is_offline_mode():
+            raise PrepareError(f"{what} is not in the Hub cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set; "
+                               f"unset it to download, {local}") from e
+        raise PrepareError(f"cannot reach {constants.ENDPOINT} to download {what} ({_first_line(e.__cause__ or e)}); "
+                           f"check the network or proxy, set HF_ENDPOINT to a mirror, {local}") from e
+    except errors.HfHubHTTPError as e:  # the Hub answered with an error: a retry would get the same answer
         status = e.response.status_code
         fix = ("check that HF_ENDPOINT serves allenai/c4" if status == 404
                else "set HF_TOKEN to a token that can read it" if status in (401, 403) else "try again later")
         detail = f": {_first_line(e.server_message)}" if e.server_message else ""
-        raise PrepareError(f"{huggingface_hub.constants.ENDPOINT} refused {what} (HTTP {status}{detail}); "
-                           f"{fix}, {local}") from e
-    except (OSError, httpx2.TransportError) as e:  # the client gave up retrying a cut connection, or the disk
+        raise PrepareError(f"{constants.ENDPOINT} refused {what} (HTTP {status}{detail}); {fix}, {local}") from e
+    except (OSError, *_http_transport_errors()) as e:  # the client gave up retrying a cut connection, or the disk
         if getattr(e, "errno", None) == errno.ENOSPC:
-            raise PrepareError(f"no disk space left to download {what} into {huggingface_hub.constants.HF_HUB_CACHE}; "
-                               "free some or set HF_HOME to a larger disk") from e
+            raise PrepareError(f"no disk space left to download {what} into {constants.HF_HUB_CACHE}; free some or "
+                               "set HF_HOME to a larger disk") from e
         raise PrepareError(f"download of {what} failed ({_first_line(e)}); check the network and run again") from e
     _check_sha256(path, what)
     return path
+
+
+def _http_transport_errors() -> tuple[type[Exception], ...]:
+    """The connection-failure base class of the HTTP client that huggingface_hub lets through: httpx for
+    huggingface_hub 1.x, httpx2 for 2.x (both, where both are installed)."""
+    return tuple(importlib.import_module(name).TransportError for name in ("httpx", "httpx2")
+                 if importlib.util.find_spec(name))
 
 
 def _check_sha256(path: Path, what: str) -> None:

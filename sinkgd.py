@@ -5,6 +5,7 @@ and Scalable LLM Training" (arXiv 2502.06742). Algorithm numbers are the paper's
 parameters the paper leaves to it; `sinkgd_param_groups` makes the paper's split. zero.py runs Alg. 3 on DeepSpeed
 ZeRO's flat partitions.
 """
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -17,6 +18,34 @@ def work_dtype(grad: Tensor) -> torch.dtype:
     return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
+@contextlib.contextmanager
+def float32_matmuls():
+    """Within it, float32 matrix products run in float32 whatever the caller set, and on exit its settings are back.
+    Training scripts commonly set torch.set_float32_matmul_precision("high") (train.py does, for float32 models on
+    CUDA), which lets cuBLAS multiply in TF32 (10-bit mantissa), and "medium" lets oneDNN use bf16: SR-Sinkhorn would
+    then no longer be Alg. 3 to float32 rounding, and one device (bmm) and ZeRO (gemv) would disagree. torch keeps
+    the single precision and the per-backend fp32_precision settings in step (and checks that they agree), so both
+    are set through the former and restored; settings made per backend only are set and restored per backend."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the backends were set apart, which a single precision cannot express
+        precision = None
+    if precision is not None:
+        torch.set_float32_matmul_precision("highest")
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value
+
+
+@float32_matmuls()
 def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
     """Alg. 3 on every trailing (m, n) matrix of G (..., m, n), each on its own: alternately rescale its rows to l2
     norm sqrt(n) and its columns to l2 norm sqrt(m), num_iters times, ending on the columns. Returns X shaped like G,
@@ -47,8 +76,9 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> 
     return B.mul_(u.mT).mul_(v).sqrt_().copysign_(G).view(grad.shape)
 
 
-# Per device type, the most bytes of gradient copy and float32 X per stack (0: each matrix alone). Measured with
-# tools/bench_optimizer.py: on a GPU a stack saves kernel launches; on a CPU stacks beyond its cache gain nothing.
+# The default stack_bytes: per device type, the most bytes of gradient copy and float32 X per stack (absent or 0: each
+# matrix alone). Measured with tools/bench_optimizer.py: on a GPU a stack saves kernel launches; on a CPU stacks
+# beyond its cache gain nothing.
 STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 
 
@@ -58,21 +88,27 @@ class SinkGD(torch.optim.Optimizer):
     transposed=True for weights stored (..., in, out), so that rows are output features as in the paper. A group with
     sinkgd=False is stepped by torch's fused AdamW (the embedding, norms and head in the paper).
 
-    Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes[device type], so the kernels
-    of a step follow the number of shapes, not of layers. Finiteness is decided on the device and masks the whole
-    step (AdamW's through its found_inf); the one host sync reads it after every kernel is queued. Then a non-finite
-    gradient raises FloatingPointError, or with skip_nonfinite=True sets `overflow`, the flag by which DeepSpeed's
-    engine (and train.py's) leaves the lr schedule alone too. Either way no weight or AdamW state has changed."""
+    Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (a number of bytes, or a dict
+    of them per device type; default STACK_BYTES), so the kernels of a step follow the number of shapes, not of
+    layers. Finiteness is decided on the device and masks the whole step (AdamW's through its found_inf); the one
+    host sync reads it after every kernel is queued. Then a non-finite gradient raises FloatingPointError, or with
+    skip_nonfinite=True sets `overflow`, the flag by which DeepSpeed's engine (and train.py's) leaves the lr schedule
+    alone too. Either way no weight or AdamW state has changed."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, sinkgd: bool = True, transposed: bool = False,
-                 skip_nonfinite: bool = False, stack_bytes: dict | None = None):
+                 skip_nonfinite: bool = False, stack_bytes: int | dict[str, int] | None = None):
         if not lr > 0 or sinkhorn_iters < 1:
             raise ValueError(f"need lr > 0 and sinkhorn_iters >= 1, got lr={lr}, sinkhorn_iters={sinkhorn_iters}")
+        stack_bytes = STACK_BYTES if stack_bytes is None else stack_bytes
+        per_device = stack_bytes.values() if isinstance(stack_bytes, dict) else [stack_bytes]
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in per_device):
+            raise ValueError(f"stack_bytes must be a number of bytes >= 0 or a dict of them per device type, e.g. "
+                             f"{{'cuda': 64 << 20}}; got {stack_bytes!r}")
         super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps,
                                       weight_decay=weight_decay, sinkgd=sinkgd, transposed=transposed))
         self.skip_nonfinite, self.overflow = skip_nonfinite, False
-        self.stack_bytes = STACK_BYTES if stack_bytes is None else stack_bytes
+        self.stack_bytes = stack_bytes
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -81,6 +117,16 @@ class SinkGD(torch.optim.Optimizer):
         if group["sinkgd"] and not_matrices:
             raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put them in a group "
                              "with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then every state tensor onto its parameter's device. torch moves `step` there only for groups
+        marked fused or capturable; a checkpoint loaded to the CPU (train.py and DeepSpeed do) would leave it behind,
+        and fused AdamW refuses tensors on two devices."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    state[key] = value.to(p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -108,7 +154,8 @@ class SinkGD(torch.optim.Optimizer):
         for p in (p for p in group["params"] if p.grad is not None):
             by_shape[p.shape, p.grad.dtype, p.device].append(p)
         for (shape, dtype, device), same in by_shape.items():
-            k = max(1, self.stack_bytes.get(device.type, 0) // (same[0].numel() * (dtype.itemsize + 4)))
+            budget = self.stack_bytes.get(device.type, 0) if isinstance(self.stack_bytes, dict) else self.stack_bytes
+            k = max(1, budget // (same[0].numel() * (dtype.itemsize + 4)))
             stacks += [same[i:i + k] for i in range(0, len(same), k)]
         if not stacks:
             return

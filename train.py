@@ -149,6 +149,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("--max_steps and --sinkhorn_iters must be >= 1")
     if cfg.max_bad_steps < 0:
         raise ConfigError(f"--max_bad_steps must be >= 0, got {cfg.max_bad_steps}")
+    if cfg.deepspeed_config:
+        try:
+            zero.read_config(cfg.deepspeed_config)  # before any rank starts
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if Path(cfg.out_dir).resolve() == Path.cwd().resolve():
         raise ConfigError("--out_dir must not be the current directory: checkpoints are pruned there")
 
@@ -166,6 +171,12 @@ def build_optimizer(cfg: TrainConfig, model: Llama, optimizer_class=SinkGD) -> S
         groups = sinkgd_param_groups(model, model.model.layers, lr=cfg.lr, alpha=cfg.alpha)
     return optimizer_class(groups, lr=cfg.lr, sinkhorn_iters=cfg.sinkhorn_iters, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, skip_nonfinite=True)
+
+
+def set_matmul_precision(device: torch.device) -> None:
+    """TF32 for the float32 matrix products of a float32 model on CUDA; under bf16 they are bf16 anyway. SinkGD's
+    own products stay float32 whatever this says (sinkgd.float32_matmuls)."""
+    torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -299,7 +310,7 @@ def train(cfg: TrainConfig) -> dict:
     validate(cfg, world_size)
     main_rank = rank == 0
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")  # CUDA: TF32 float32 matmuls
+    set_matmul_precision(device)
     # DeepSpeed casts the model to bf16 itself; one device uses autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.deepspeed_config)
     for seed in (torch.manual_seed, random.seed, np.random.seed):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import checkpoint
-from sinkgd import SinkGD, work_dtype
+from sinkgd import SinkGD, float32_matmuls, work_dtype
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Partition:
                 start, offset = start + rows * cols, offset + rows * cols
 
 
+@float32_matmuls()
 def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduce) -> Tensor:
     """sinkgd.sr_sinkhorn of every matrix of `part`, from this rank's flat gradient partition (numel,). Every rank
     calls it with its own partition of the same matrices; all_reduce(t, op) reduces t in place over them, op "sum"
@@ -170,9 +171,34 @@ def zero_partitions(engine, optimizer: SinkGD) -> dict[int, Partition]:
 # Start-up, the engine, checkpoints.
 
 
+def read_config(path: str) -> dict:
+    """The DeepSpeed config file; ValueError, one line, if it is missing or not a JSON object."""
+    fix = "start from ds_config.json in this repository"
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--deepspeed_config {path}: no such file; {fix}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text
+        raise ValueError(f"--deepspeed_config {path} is not valid JSON ({e}); fix it or {fix}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed_config {path} holds a JSON {type(config).__name__}, not an object; {fix}")
+    return config
+
+
+# Set by torchrun and the deepspeed launcher; by mpirun (for DeepSpeed's MPI discovery) the last two.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def init_distributed(device_type: str) -> None:
+    """The process group of the launcher's ranks; without a launcher (`python train.py --deepspeed_config ...`), one
+    rank, as torchrun would start it, where DeepSpeed alone would look for MPI. Port 0: the only rank picks a free
+    one, so two such runs cannot collide."""
     import deepspeed
     import deepspeed.ops
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+        print("no launcher: DeepSpeed runs as one rank (start several with `deepspeed --num_gpus N train.py ...`)")
     if device_type == "cpu":  # skip building the unused shared-memory comm op (~30 s per start)
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
@@ -183,8 +209,7 @@ def initialize(config_path: str, model, optimizer, scheduler, *, batch_size: int
     """deepspeed.initialize on the config file, with the batch, clipping and precision set from train.py's options
     (one file serves every model size), and the engine's torch.compile if asked."""
     import deepspeed
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_config(config_path)
     config |= {
         "train_batch_size": batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,

@@ -1,5 +1,6 @@
 """Helpers shared by the tests that launch and compare training runs."""
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -18,6 +19,19 @@ def launcher(ranks: int | None) -> list[str]:
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
             f"--master_port={port}", "--master_addr=127.0.0.1"]
+
+
+# What a stock CUDA image may lack or hold at another major version, and training must not need.
+NOT_FOR_TRAINING = ("huggingface_hub", "httpx", "httpx2", "transformers", "accelerate")
+
+
+def env_without_hub_client(tmp_path) -> dict:
+    """os.environ with a sitecustomize on PYTHONPATH that makes NOT_FOR_TRAINING unimportable in the process and in
+    every process it starts."""
+    site = Path(tmp_path) / "no_hub_client"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({NOT_FOR_TRAINING!r}))\n")
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
 def read_metrics(out_dir) -> list[dict]:

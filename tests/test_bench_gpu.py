@@ -2,7 +2,6 @@
 train.py and the input pipeline that can be checked without a GPU."""
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 import prepare_c4
 import train
+from common import env_without_hub_client
 from tools import bench_gpu
 
 REPO = bench_gpu.ROOT
@@ -29,10 +29,12 @@ def failing_run(started):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One full `--smoke` run as a user types it, its temporary folders under a TMPDIR of its own."""
+    """One full `--smoke` run as a user types it, its temporary folders under a TMPDIR of its own, where the Hub
+    client, its HTTP libraries, transformers and accelerate cannot be imported (as on a stock CUDA image)."""
     out, tmp = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("tmp")
+    env = env_without_hub_client(tmp_path_factory.mktemp("site")) | {"TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "tools.bench_gpu", str(out), "--smoke"], cwd=REPO, text=True,
-                          capture_output=True, env=os.environ | {"TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
+                          capture_output=True, env=env, timeout=600)
     return proc, out, tmp
 
 

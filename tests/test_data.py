@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import huggingface_hub
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 import prepare_c4
@@ -306,18 +307,47 @@ C4_FILES = {C4_TRAIN: gzip.compress(b"".join(c4_line(t, i) for i, t in enumerate
             C4_VAL: gzip.compress(c4_line(C4_VAL_TEXTS[0], 0))}
 
 
-def run_prepare(tmp_path, endpoint="http://127.0.0.1:9", **hf_env):
+# huggingface_hub 1.x (with httpx), what most environments and the GPU machine have, beside the pinned 2.x (httpx2).
+HUB_1X = ["huggingface_hub==1.33.0", "httpx==0.28.1", "httpcore==1.0.9"]
+
+
+@pytest.fixture(scope="session")
+def hub_1x_site(tmp_path_factory):
+    """A folder holding huggingface_hub 1.33.0 and httpx (pure Python; their other dependencies are the pinned
+    client's), to put first on a subprocess's PYTHONPATH."""
+    site = tmp_path_factory.mktemp("hub_1x")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                          *HUB_1X], capture_output=True, text=True, timeout=300)
+    if pip.returncode:
+        pytest.skip(f"cannot install {' '.join(HUB_1X)} from the package index: {pip.stderr.strip()[-300:]}")
+    return site
+
+
+@pytest.fixture(params=["pinned", "1.x"])
+def hub_client(request):
+    """The PYTHONPATH under which prepare_c4.py runs: the pinned huggingface_hub, or 1.33.0 with httpx."""
+    if request.param == "pinned":
+        return {}
+    site = str(request.getfixturevalue("hub_1x_site"))
+    version = subprocess.run([sys.executable, "-c", "import huggingface_hub; print(huggingface_hub.__version__)"],
+                             env=os.environ | {"PYTHONPATH": site}, capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == "1.33.0"
+    return {"PYTHONPATH": site}
+
+
+def run_prepare(tmp_path, hub_client, endpoint="http://127.0.0.1:9", **hf_env):
     """prepare_c4.py downloading 1 train and 1 validation file, as a user runs it, with the Hub cache in tmp_path."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1", **hf_env)
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_PROGRESS_BARS="1", **hf_env,
+               **hub_client)
     return subprocess.run([sys.executable, str(REPO / "prepare_c4.py"), "--out_dir", str(tmp_path / "out"),
                            "--train_files", "1", "--val_files", "1", "--workers", "1"],
                           env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_download_through_hub_client_survives_a_dropped_connection_and_works_offline(tmp_path, hub):
+def test_download_through_hub_client_survives_a_dropped_connection_and_works_offline(tmp_path, hub, hub_client):
     server = hub(C4_FILES, cut_gets=1)
-    run = run_prepare(tmp_path, server.endpoint)
+    run = run_prepare(tmp_path, hub_client, server.endpoint)
     assert run.returncode == 0, run.stderr
     train_gets = [r for r in server.requests if r[:2] == ("GET", "/datasets/allenai/c4/resolve/main/" + C4_TRAIN)]
     assert len(train_gets) == 2  # fetched again after the dropped connection (from its last 10 MB chunk)
@@ -325,14 +355,14 @@ def test_download_through_hub_client_survives_a_dropped_connection_and_works_off
         assert np.array_equal(tokens_of(tmp_path / "out", split), expected_tokens(texts))
     shards = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")}
     requests = len(server.requests)
-    run = run_prepare(tmp_path, server.endpoint, HF_HUB_OFFLINE="1")  # from the cache, asking nothing
+    run = run_prepare(tmp_path, hub_client, server.endpoint, HF_HUB_OFFLINE="1")  # from the cache, asking nothing
     assert run.returncode == 0, run.stderr
     assert len(server.requests) == requests
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.bin")} == shards
 
 
-def test_corrupt_download_is_deleted_not_tokenised(tmp_path, hub):
-    run = run_prepare(tmp_path, hub(C4_FILES, flip_byte=True).endpoint)
+def test_corrupt_download_is_deleted_not_tokenised(tmp_path, hub, hub_client):
+    run = run_prepare(tmp_path, hub_client, hub(C4_FILES, flip_byte=True).endpoint)
     assert run.returncode == 1
     assert re.fullmatch(r"error: the download of en/c4-train.00000-of-01024.json.gz of dataset allenai/c4 does not "
                         r"match its sha256 [0-9a-f]{64}; it was deleted from the cache, run again\n", run.stderr)
@@ -341,8 +371,8 @@ def test_corrupt_download_is_deleted_not_tokenised(tmp_path, hub):
     assert not left  # neither the snapshot link nor the blob is there to be used next time
 
 
-def test_download_cut_off_for_good_is_one_line_and_leaves_nothing(tmp_path, hub):
-    run = run_prepare(tmp_path, hub(C4_FILES, cut_gets=100).endpoint)
+def test_download_cut_off_for_good_is_one_line_and_leaves_nothing(tmp_path, hub, hub_client):
+    run = run_prepare(tmp_path, hub_client, hub(C4_FILES, cut_gets=100).endpoint)
     assert run.returncode == 1
     assert re.fullmatch(r"error: download of en/c4-train.00000-of-01024.json.gz of dataset allenai/c4 failed "
                         r"\(peer closed connection .*\); check the network and run again", run.stderr.splitlines()[-1])
@@ -358,11 +388,11 @@ def test_download_cut_off_for_good_is_one_line_and_leaves_nothing(tmp_path, hub)
             r"\(HTTP 404: Entry not found\); check that HF_ENDPOINT serves allenai/c4, or pass files you already have "
             r"with --input\n"),
 ])
-def test_download_failure_is_one_line_naming_the_fix(tmp_path, hub, case, message):
+def test_download_failure_is_one_line_naming_the_fix(tmp_path, hub, hub_client, case, message):
     if case == "offline":
-        run = run_prepare(tmp_path, HF_HUB_OFFLINE="1")
+        run = run_prepare(tmp_path, hub_client, HF_HUB_OFFLINE="1")
     else:  # a mirror that lacks the validation file
-        run = run_prepare(tmp_path, hub({C4_TRAIN: C4_FILES[C4_TRAIN]}).endpoint)
+        run = run_prepare(tmp_path, hub_client, hub({C4_TRAIN: C4_FILES[C4_TRAIN]}).endpoint)
     assert run.returncode == 1 and re.fullmatch(message, run.stderr), run.stderr
     assert not list((tmp_path / "out").glob("*.bin"))
 
@@ -380,8 +410,8 @@ def chained(error, cause):
 def test_disk_full_or_no_network_is_one_line_naming_the_fix(monkeypatch, error, message):
     def fail(*args, **kwargs):
         raise error
-    monkeypatch.setattr(prepare_c4.huggingface_hub, "hf_hub_download", fail)
-    monkeypatch.setattr(prepare_c4.huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(PrepareError, match=message) as raised:
         prepare_c4.download_c4(1, 0)
     assert "\n" not in str(raised.value)

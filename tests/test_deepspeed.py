@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("deepspeed")
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
-from common import REPO, launcher, read_metrics  # noqa: E402
+from common import REPO, env_without_hub_client, launcher, read_metrics  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
 from tools import export_hf  # noqa: E402
 
@@ -96,6 +96,20 @@ def test_zero_equals_single_process(case, optimizer, data_dir, single_process, t
                   tmp_path / "out", ranks=2)
     weights = deepspeed_weights(tmp_path / "out", stage, "step_00000003")
     assert_same_training(metrics, weights, *single_process(optimizer), tol=1e-5)
+
+
+def test_without_a_launcher_deepspeed_runs_as_one_rank(data_dir, single_process, tmp_path):
+    """`python train.py --deepspeed_config ds_config.json`, what a one-GPU user tries first: the shipped config, no
+    launcher variables (DeepSpeed alone would look for MPI), and none of the Hub client, transformers or accelerate."""
+    env = {k: v for k, v in env_without_hub_client(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                               "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([*launcher(None), str(REPO / "train.py"), *ARGS, "--data_dir", str(data_dir),
+                           "--deepspeed_config", str(REPO / "ds_config.json"), "--out_dir", str(tmp_path / "out")],
+                          cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no launcher: DeepSpeed runs as one rank" in proc.stdout
+    weights = deepspeed_weights(tmp_path / "out", 2, "step_00000003")
+    assert_same_training(read_metrics(tmp_path / "out"), weights, *single_process("sinkgd"), tol=1e-5)
 
 
 def test_compiled_engine_equals_single_process(data_dir, single_process, tmp_path):

@@ -424,6 +424,99 @@ def test_state_dict_round_trip_continues_identically():
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.1]
 
 
+def test_state_loads_onto_the_parameters_device():
+    """A resume loads the checkpoint to the CPU, then into an optimizer whose parameters are elsewhere (CUDA; here the
+    meta device): torch moves exp_avg there but leaves `step` behind unless the group is fused or capturable, and
+    fused AdamW then refuses the mix. Every state tensor must follow its parameter."""
+    mats, vecs = make_params()
+    opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)])
+    with_grads(mats + vecs)
+    opt.step()
+    saved = opt.state_dict()
+    moved = [nn.Parameter(torch.empty_like(p, device="meta")) for p in mats + vecs]
+    elsewhere = SinkGD([dict(params=moved[:2], sinkgd=True), dict(params=moved[2:], sinkgd=False)])
+    elsewhere.load_state_dict(saved)
+    assert len(elsewhere.state) == 2 and {k for s in elsewhere.state.values() for k in s} == {
+        "step", "exp_avg", "exp_avg_sq"}
+    assert all(value.is_meta for state in elsewhere.state.values() for value in state.values())
+    assert all(value.device.type == "cpu" for state in saved["state"].values() for value in state.values())
+
+
+def matmul_settings():
+    """torch's float32 matmul precision, as the single setting (or "mixed" where the backends were set apart)
+    and per backend."""
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        precision = "mixed"
+    return precision, torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+
+
+class MatmulSettingsRecorder(TorchDispatchMode):
+    """The matmul settings in force at each matrix product."""
+
+    PRODUCTS = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten.addmv.default,
+                torch.ops.aten.addmv_.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                torch.ops.aten.mv.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS:
+            self.seen.append(matmul_settings())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def restore_matmul_settings():
+    yield
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+USER_MATMUL_SETTINGS = {  # what training scripts set: train.py on CUDA, HF Trainer's tf32=True, the per-backend API
+    "default": lambda: None,
+    "high": lambda: torch.set_float32_matmul_precision("high"),
+    "medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "legacy allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "per backend": lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                            setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
+}
+
+
+@pytest.mark.parametrize("setting", USER_MATMUL_SETTINGS)
+def test_products_are_float32_whatever_the_matmul_precision_and_the_setting_is_kept(setting, restore_matmul_settings):
+    USER_MATMUL_SETTINGS[setting]()
+    users = matmul_settings()
+    mats, vecs = make_params()
+    mats.append(nn.Parameter(torch.randn(6, 4)))  # a stack of two
+    opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)], stack_bytes=2**20)
+    with_grads(mats + vecs)
+    flat = mats[0].grad.reshape(-1)
+    with MatmulSettingsRecorder() as recorder:
+        opt.step()
+        sr_sinkhorn_sharded(flat, Partition([Piece((6, 4), 0, 0, 24)], None, "cpu"), 2, lambda t, op: None)
+    assert len(recorder.seen) == 2 * 2 * 5 + 2 * 2 * 1  # two stacks (bmm + baddbmm) at L = 5, one piece at L = 2
+    assert set(recorder.seen) == {("highest", "ieee", "ieee")}
+    assert matmul_settings() == users
+
+
+def test_stack_bytes_is_a_number_or_a_dict_per_device_type():
+    params = llama_block_matrices("llama_tiny", device="meta")
+    ops = {}
+    for name, stack_bytes in [("number", 2**20), ("dict", {"meta": 2**20}), ("other device", {"cuda": 2**20})]:
+        with OpCounter() as counter:
+            SinkGD(params, stack_bytes=stack_bytes).step()
+        ops[name] = len(counter.sequence)
+    assert ops["number"] == ops["dict"] < ops["other device"]  # a budget for another device: one matrix at a time
+    for bad in ["64M", -1, 1.5, True, {"cuda": "64M"}, {"cuda": -1}]:
+        with pytest.raises(ValueError, match=r"^stack_bytes must be a number of bytes >= 0 or a dict of them per "
+                                             r"device type, e\.g\. \{'cuda': 64 << 20\}; got "):
+            SinkGD(params, stack_bytes=bad)
+
+
 def test_lr_scheduler_drives_the_update():
     mats, _ = make_params()
     opt = SinkGD(mats, lr=0.1)

@@ -3,6 +3,7 @@ checkpoints and resume, command-line errors. A 2-layer, 32-wide LLaMA keeps ever
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -554,3 +555,20 @@ def test_cli_missing_data_says_to_run_prepare(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert "prepare_c4.py" in lines[0] and "nonexistent" in lines[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"error: --deepspeed_config \S+missing.json: no such file; start from ds_config.json in this repository"),
+    ('{"zero_optimization": {"stage": 2},}', r"error: --deepspeed_config \S+bad.json is not valid JSON \(Expecting "
+     r"property name enclosed in double quotes: line 1 column 36 \(char 35\)\); fix it or start from ds_config.json "
+     r"in this repository"),
+    ("[2]", r"error: --deepspeed_config \S+bad.json holds a JSON list, not an object; start from ds_config.json in "
+     r"this repository"),
+])
+def test_cli_bad_deepspeed_config_is_one_line_before_anything_starts(tmp_path, content, message):
+    path = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content is not None:
+        path.write_text(content)
+    proc = run_cli("--deepspeed_config", str(path), "--out_dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and re.fullmatch(message + "\n", proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists()

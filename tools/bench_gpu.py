@@ -1,7 +1,8 @@
 """One command that measures a GPU: training speed, MFU and peak memory, and the optimizer step alone, SinkGD against
 AdamW, on one device and under DeepSpeed; each row kept on disk as soon as it is measured.
 
-    python -m tools.bench_gpu out/gpu --budget_s 500       # the whole table in two such commands on an H200
+    python -m tools.bench_gpu out/gpu                      # on a machine with one CUDA GPU: the whole table
+    python -m tools.bench_gpu out/gpu --budget_s 500       # what fits in 500 s; the same command again, the rest
     python -m tools.bench_gpu out/gpu --only llama_60m-sinkgd-eager llama_60m-adamw-eager
     python -m tools.bench_gpu out/gpu --data_dir data/c4   # on real shards instead of random tokens
     python -m tools.bench_gpu out/smoke --smoke            # every code path on the CPU, tiny model (the tests run it)
@@ -12,8 +13,9 @@ the logged intervals after the first (compilation and warm-up) and the peak of t
 optimizer step alone is timed on the model's real parameter split with random gradients (medians of interleaved
 repeats). Then `deepspeed --num_gpus 1` with ZeRO-2 on llama_60m, for the same numbers.
 
-Each row is a fresh process whose output goes to OUT_DIR/logs/ROW.log; as it ends, its numbers (or its failure, and
-the others go on) are appended to OUT_DIR/results.json and OUT_DIR/table.md is rewritten, so a kill part-way keeps
+The results land in OUT_DIR (out/gpu above): table.md (the markdown table, also printed at the end), results.json
+(the numbers and the set-up), logs/ROW.log (each row's output). Each row is a fresh process; as it ends, its numbers
+(or its failure, and the others go on) are added to results.json and table.md is rewritten, so a kill part-way keeps
 every finished row. A rerun skips the rows results.json holds (failed ones are tried again). With --budget_s, a row is
 not started unless it is estimated to end in time (from the longest recorded row of its kind) and is stopped at the
 budget. Training runs write their checkpoints to a temporary folder that is deleted. Random GPT-2 token ids are the
@@ -125,6 +127,7 @@ def step_command(mode: Mode, row: Row) -> list[str]:
 def print_optimizer_step_ms(size: str, device: str, repeats: int) -> None:
     """The optimizer step alone on the model's parameters (SinkGD: the paper's split) with random gradients; prints
     {optimizer: ms} as JSON on the last line."""
+    train.set_matmul_precision(torch.device(device))  # as in the training rows
     steps = {}
     for optimizer in ("sinkgd", "adamw"):
         model = Llama(CONFIGS[size]).to(device)
