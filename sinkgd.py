@@ -1,11 +1,7 @@
 """SinkGD: Sinkhorn Gradient Descent, from Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless
-and Scalable LLM Training" (arXiv 2502.06742). Algorithm numbers are the paper's.
-
-`sr_sinkhorn` is Alg. 3 for a matrix or a stack of them; `SinkGD` is Alg. 4 with torch's fused AdamW for the
-parameters the paper leaves to it; `sinkgd_param_groups` makes the paper's split. zero.py runs Alg. 3 on DeepSpeed
-ZeRO's flat partitions.
-"""
-import contextlib
+and Scalable LLM Training" (arXiv 2502.06742), with the paper's algorithm numbers: `sr_sinkhorn` is Alg. 3, `SinkGD`
+Alg. 4 (torch's fused AdamW where the paper has AdamW), `sinkgd_param_groups` the paper's split. zero.py runs Alg. 3
+on DeepSpeed ZeRO's flat partitions."""
 from collections import defaultdict
 
 import torch
@@ -18,34 +14,6 @@ def work_dtype(grad: Tensor) -> torch.dtype:
     return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
-@contextlib.contextmanager
-def float32_matmuls():
-    """Within it, float32 matrix products run in float32 whatever the caller set, and on exit its settings are back.
-    Training scripts commonly set torch.set_float32_matmul_precision("high") (train.py does, for float32 models on
-    CUDA), which lets cuBLAS multiply in TF32 (10-bit mantissa), and "medium" lets oneDNN use bf16: SR-Sinkhorn would
-    then no longer be Alg. 3 to float32 rounding, and one device (bmm) and ZeRO (gemv) would disagree. torch keeps
-    the single precision and the per-backend fp32_precision settings in step (and checks that they agree), so both
-    are set through the former and restored; settings made per backend only are set and restored per backend."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    saved = [backend.fp32_precision for backend in backends]
-    try:
-        precision = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the backends were set apart, which a single precision cannot express
-        precision = None
-    if precision is not None:
-        torch.set_float32_matmul_precision("highest")
-    for backend in backends:
-        backend.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        if precision is not None:
-            torch.set_float32_matmul_precision(precision)
-        for backend, value in zip(backends, saved):
-            backend.fp32_precision = value
-
-
-@float32_matmuls()
 def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
     """Alg. 3 on every trailing (m, n) matrix of G (..., m, n), each on its own: alternately rescale its rows to l2
     norm sqrt(n) and its columns to l2 norm sqrt(m), num_iters times, ending on the columns. Returns X shaped like G,
@@ -76,9 +44,8 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> 
     return B.mul_(u.mT).mul_(v).sqrt_().copysign_(G).view(grad.shape)
 
 
-# The default stack_bytes: per device type, the most bytes of gradient copy and float32 X per stack (absent or 0: each
-# matrix alone). Measured with tools/bench_optimizer.py: on a GPU a stack saves kernel launches; on a CPU stacks
-# beyond its cache gain nothing.
+# Default stack_bytes, per device type: the most bytes of gradient copy and float32 X per stack (absent: one matrix
+# at a time). tools/bench_optimizer.py: on a GPU a stack saves kernel launches; on a CPU, beyond its cache, nothing.
 STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 
 
@@ -90,22 +57,24 @@ class SinkGD(torch.optim.Optimizer):
 
     Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (a number of bytes, or a dict
     of them per device type; default STACK_BYTES), so the kernels of a step follow the number of shapes, not of
-    layers. Finiteness is decided on the device and masks the whole step (AdamW's through its found_inf); the one
-    host sync reads it after every kernel is queued. Then a non-finite gradient raises FloatingPointError, or with
+    layers. Their products follow torch.set_float32_matmul_precision, as every float32 matmul does: at the default
+    "highest" X is Alg. 3 to float32 rounding; "high" (TF32 on CUDA) or "medium" (bf16) leave ~1e-3 in X.
+    Finiteness is decided on the device and masks the whole step (AdamW's through its found_inf); the one host sync
+    reads it after every kernel is queued. Then a non-finite gradient raises FloatingPointError, or with
     skip_nonfinite=True sets `overflow`, the flag by which DeepSpeed's engine (and train.py's) leaves the lr schedule
     alone too. Either way no weight or AdamW state has changed."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, sinkgd: bool = True, transposed: bool = False,
-                 skip_nonfinite: bool = False, stack_bytes: int | dict[str, int] | None = None):
+                 skip_nonfinite: bool = False, stack_bytes: int | dict[str, int] = STACK_BYTES):
         if not lr > 0 or sinkhorn_iters < 1:
             raise ValueError(f"need lr > 0 and sinkhorn_iters >= 1, got lr={lr}, sinkhorn_iters={sinkhorn_iters}")
-        stack_bytes = STACK_BYTES if stack_bytes is None else stack_bytes
         per_device = stack_bytes.values() if isinstance(stack_bytes, dict) else [stack_bytes]
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in per_device):
             raise ValueError(f"stack_bytes must be a number of bytes >= 0 or a dict of them per device type, e.g. "
                              f"{{'cuda': 64 << 20}}; got {stack_bytes!r}")
-        super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps,
+        # fused=True, the AdamW groups' math, also makes load_state_dict move `step` to the parameter's device
+        super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps, fused=True,
                                       weight_decay=weight_decay, sinkgd=sinkgd, transposed=transposed))
         self.skip_nonfinite, self.overflow = skip_nonfinite, False
         self.stack_bytes = stack_bytes
@@ -118,22 +87,10 @@ class SinkGD(torch.optim.Optimizer):
             raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put them in a group "
                              "with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's, then every state tensor onto its parameter's device. torch moves `step` there only for groups
-        marked fused or capturable; a checkpoint loaded to the CPU (train.py and DeepSpeed do) would leave it behind,
-        and fused AdamW refuses tensors on two devices."""
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            for key, value in state.items():
-                if isinstance(value, Tensor):
-                    state[key] = value.to(p.device)
-
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         found_inf = self._found_inf()
         for group in self.param_groups:
             (self._sinkgd_update if group["sinkgd"] else self._adamw_update)(group, found_inf)
@@ -200,10 +157,8 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module, lr: float, alpha: f
     weight). By module role, not by dim() == 2: the embedding and head are matrices too."""
     matrices = []  # (weight, stored (..., in, out))
     for module in blocks.modules():
-        if isinstance(module, nn.Linear):
-            matrices.append((module.weight, False))
-        elif type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: y = x W + b, W (in, out)
-            matrices.append((module.weight, True))
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
+            matrices.append((module.weight, not isinstance(module, nn.Linear)))
         elif not isinstance(module, nn.modules.conv._ConvNd):
             matrices += [(p, getattr(module, "is_transposed", False)) for p in module.parameters(recurse=False)
                          if p.dim() == 3]

@@ -149,11 +149,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("--max_steps and --sinkhorn_iters must be >= 1")
     if cfg.max_bad_steps < 0:
         raise ConfigError(f"--max_bad_steps must be >= 0, got {cfg.max_bad_steps}")
-    if cfg.deepspeed_config:
-        try:
-            zero.read_config(cfg.deepspeed_config)  # before any rank starts
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     if Path(cfg.out_dir).resolve() == Path.cwd().resolve():
         raise ConfigError("--out_dir must not be the current directory: checkpoints are pruned there")
 
@@ -171,12 +166,6 @@ def build_optimizer(cfg: TrainConfig, model: Llama, optimizer_class=SinkGD) -> S
         groups = sinkgd_param_groups(model, model.model.layers, lr=cfg.lr, alpha=cfg.alpha)
     return optimizer_class(groups, lr=cfg.lr, sinkhorn_iters=cfg.sinkhorn_iters, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, skip_nonfinite=True)
-
-
-def set_matmul_precision(device: torch.device) -> None:
-    """TF32 for the float32 matrix products of a float32 model on CUDA; under bf16 they are bf16 anyway. SinkGD's
-    own products stay float32 whatever this says (sinkgd.float32_matmuls)."""
-    torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -304,13 +293,15 @@ def memory_record(device: torch.device) -> dict:
 def train(cfg: TrainConfig) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.deepspeed_config:
+        ds_config = zero.read_config(cfg.deepspeed_config)  # missing or malformed: one line, before DeepSpeed starts
         zero.init_distributed(device.type)
         device = zero.local_rank_device(device.type)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     validate(cfg, world_size)
     main_rank = rank == 0
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    set_matmul_precision(device)
+    # float32 matmuls stay at torch's "highest", never TF32: under bf16 the model's are bf16 anyway, and SinkGD's own
+    # (the step runs outside autocast) are then exact Alg. 3, on one device as under ZeRO.
     # DeepSpeed casts the model to bf16 itself; one device uses autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.deepspeed_config)
     for seed in (torch.manual_seed, random.seed, np.random.seed):
@@ -333,7 +324,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
     if cfg.deepspeed_config:
-        engine = zero.initialize(cfg.deepspeed_config, model, optimizer, scheduler, batch_size=cfg.batch_size,
+        engine = zero.initialize(ds_config, model, optimizer, scheduler, batch_size=cfg.batch_size,
                                  micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, bf16=bf16,
                                  compile=cfg.compile)
     else:
@@ -408,8 +399,8 @@ def train(cfg: TrainConfig) -> dict:
 def main(argv=None) -> None:
     try:
         result = train(parse_config(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, prepare_c4.ShardError, checkpoint.CheckpointError, FileNotFoundError, FloatingPointError,
-            OSError) as e:
+    except (ConfigError, zero.ConfigFileError, prepare_c4.ShardError, checkpoint.CheckpointError, FileNotFoundError,
+            FloatingPointError, OSError) as e:
         sys.exit(f"error: {e}")
     if result and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"final validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import checkpoint
-from sinkgd import SinkGD, float32_matmuls, work_dtype
+from sinkgd import SinkGD, work_dtype
 
 
 @dataclass
@@ -55,7 +55,6 @@ class Partition:
                 start, offset = start + rows * cols, offset + rows * cols
 
 
-@float32_matmuls()
 def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduce) -> Tensor:
     """sinkgd.sr_sinkhorn of every matrix of `part`, from this rank's flat gradient partition (numel,). Every rank
     calls it with its own partition of the same matrices; all_reduce(t, op) reduces t in place over them, op "sum"
@@ -171,18 +170,22 @@ def zero_partitions(engine, optimizer: SinkGD) -> dict[int, Partition]:
 # Start-up, the engine, checkpoints.
 
 
+class ConfigFileError(ValueError):
+    """A --deepspeed_config that is missing or not a JSON object."""
+
+
 def read_config(path: str) -> dict:
-    """The DeepSpeed config file; ValueError, one line, if it is missing or not a JSON object."""
+    """The DeepSpeed config file, as a dict."""
     fix = "start from ds_config.json in this repository"
     try:
         with open(path) as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"--deepspeed_config {path}: no such file; {fix}") from None
+        raise ConfigFileError(f"--deepspeed_config {path}: no such file; {fix}") from None
     except ValueError as e:  # JSONDecodeError, or bytes that are not text
-        raise ValueError(f"--deepspeed_config {path} is not valid JSON ({e}); fix it or {fix}") from None
+        raise ConfigFileError(f"--deepspeed_config {path} is not valid JSON ({e}); fix it or {fix}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"--deepspeed_config {path} holds a JSON {type(config).__name__}, not an object; {fix}")
+        raise ConfigFileError(f"--deepspeed_config {path} holds a JSON {type(config).__name__}, not an object; {fix}")
     return config
 
 
@@ -204,13 +207,12 @@ def init_distributed(device_type: str) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
 
 
-def initialize(config_path: str, model, optimizer, scheduler, *, batch_size: int, micro_batch_size: int,
+def initialize(config: dict, model, optimizer, scheduler, *, batch_size: int, micro_batch_size: int,
                grad_clip: float, bf16: bool, compile: bool = False):
-    """deepspeed.initialize on the config file, with the batch, clipping and precision set from train.py's options
-    (one file serves every model size), and the engine's torch.compile if asked."""
+    """deepspeed.initialize on the config file's contents (read_config), with the batch, clipping and precision set
+    from train.py's options (one file serves every model size), and the engine's torch.compile if asked."""
     import deepspeed
-    config = read_config(config_path)
-    config |= {
+    config = config | {
         "train_batch_size": batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": batch_size // (micro_batch_size * dist.get_world_size()),

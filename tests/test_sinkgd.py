@@ -442,65 +442,23 @@ def test_state_loads_onto_the_parameters_device():
     assert all(value.device.type == "cpu" for state in saved["state"].values() for value in state.values())
 
 
-def matmul_settings():
-    """torch's float32 matmul precision, as the single setting (or "mixed" where the backends were set apart)
-    and per backend."""
-    try:
-        precision = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        precision = "mixed"
-    return precision, torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
-
-
-class MatmulSettingsRecorder(TorchDispatchMode):
-    """The matmul settings in force at each matrix product."""
-
-    PRODUCTS = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default, torch.ops.aten.addmv.default,
-                torch.ops.aten.addmv_.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
-                torch.ops.aten.mv.default}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.PRODUCTS:
-            self.seen.append(matmul_settings())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
-def restore_matmul_settings():
+def restore_matmul_precision():
     yield
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
 
 
-USER_MATMUL_SETTINGS = {  # what training scripts set: train.py on CUDA, HF Trainer's tf32=True, the per-backend API
-    "default": lambda: None,
-    "high": lambda: torch.set_float32_matmul_precision("high"),
-    "medium": lambda: torch.set_float32_matmul_precision("medium"),
-    "legacy allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
-    "per backend": lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
-                            setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
-}
-
-
-@pytest.mark.parametrize("setting", USER_MATMUL_SETTINGS)
-def test_products_are_float32_whatever_the_matmul_precision_and_the_setting_is_kept(setting, restore_matmul_settings):
-    USER_MATMUL_SETTINGS[setting]()
-    users = matmul_settings()
-    mats, vecs = make_params()
-    mats.append(nn.Parameter(torch.randn(6, 4)))  # a stack of two
-    opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)], stack_bytes=2**20)
-    with_grads(mats + vecs)
-    flat = mats[0].grad.reshape(-1)
-    with MatmulSettingsRecorder() as recorder:
-        opt.step()
-        sr_sinkhorn_sharded(flat, Partition([Piece((6, 4), 0, 0, 24)], None, "cpu"), 2, lambda t, op: None)
-    assert len(recorder.seen) == 2 * 2 * 5 + 2 * 2 * 1  # two stacks (bmm + baddbmm) at L = 5, one piece at L = 2
-    assert set(recorder.seen) == {("highest", "ieee", "ieee")}
-    assert matmul_settings() == users
+def test_products_follow_the_float32_matmul_precision_as_documented(restore_matmul_precision):
+    """SinkGD's docstring: at torch's default "highest" X is Alg. 3 to float32 rounding; a lowered precision leaves
+    about 1e-3 in X (bf16 matmuls at "medium" on a CPU with AVX512-BF16 or AMX; TF32 at "high" on CUDA)."""
+    g = uneven(96, 64, dtype=torch.float32)
+    expected = reference(g, 5)
+    assert rel_err(sr_sinkhorn(g), expected) < 1e-5
+    torch.set_float32_matmul_precision("medium")
+    lowered = rel_err(sr_sinkhorn(g), expected)
+    if lowered < 1e-5:
+        pytest.skip("this CPU multiplies float32 in float32 at 'medium' too")
+    assert lowered < 1e-2
 
 
 def test_stack_bytes_is_a_number_or_a_dict_per_device_type():

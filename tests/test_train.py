@@ -204,6 +204,16 @@ def test_resume_skips_a_torn_checkpoint(baseline, tmp_path, capsys):
     assert_same_tensors(load_ckpt(newest)["model"], load_ckpt(baseline["out_dir"] / "ckpt_00000024.pt")["model"])
 
 
+def test_training_leaves_the_float32_matmul_precision_alone(data_dir, tmp_path, monkeypatch):
+    """Never TF32 (or bf16) for float32 products, on any device: SinkGD's are then exact Alg. 3, one device and ZeRO
+    alike (see train()). A call that set it for CUDA only would be invisible here, so no call at all is allowed."""
+    def refuse(precision):
+        raise AssertionError(f"train.py set the float32 matmul precision to {precision!r}")
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", refuse)
+    train.train(tiny_config(data_dir, tmp_path / "out", max_steps=1))
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 def test_resume_without_checkpoint_starts_afresh(data_dir, tmp_path, capsys):
     cfg = tiny_config(data_dir, tmp_path / "empty", max_steps=2, resume=True)
     train.train(cfg)

@@ -193,7 +193,7 @@ def measure(args, optimizer_name: str, stage: int, config_path: str, device) -> 
     _tag_step(optimizer, "optimizer.step")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(cfg, step))
     with COUNTER.tagged("init"):
-        engine = zero.initialize(config_path, model, optimizer, scheduler, batch_size=cfg.batch_size,
+        engine = zero.initialize(zero.read_config(config_path), model, optimizer, scheduler, batch_size=cfg.batch_size,
                                  micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, bf16=args.bf16)
 
     vocab = CONFIGS[cfg.model].vocab_size

@@ -127,7 +127,6 @@ def step_command(mode: Mode, row: Row) -> list[str]:
 def print_optimizer_step_ms(size: str, device: str, repeats: int) -> None:
     """The optimizer step alone on the model's parameters (SinkGD: the paper's split) with random gradients; prints
     {optimizer: ms} as JSON on the last line."""
-    train.set_matmul_precision(torch.device(device))  # as in the training rows
     steps = {}
     for optimizer in ("sinkgd", "adamw"):
         model = Llama(CONFIGS[size]).to(device)
