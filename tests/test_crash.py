@@ -13,6 +13,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -88,9 +89,23 @@ def kill_self(delay_s: float = 0.0):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fault_at_batch(next_batch, at: int, fault):
+    """TokenLoader.next_batch, calling fault() as the at-th micro-batch is read."""
+    calls = 0
+
+    def next_batch_or_fault(self, batch_size):
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            fault()
+        return next_batch(self, batch_size)
+    return next_batch_or_fault
+
+
 def install_faults(env):
     """Run in the training process: register the test model, then arm the faults that env names.
-    KILL_AT_BATCH=n: SIGKILL as the n-th micro-batch is read. KILL_IN_SAVE=name: the torch.save to a path
+    KILL_AT_BATCH=n: SIGKILL as the n-th micro-batch is read. PAUSE_AT_BATCH=n: there, create the file PAUSED_FILE
+    and wait, for the test to kill the run from outside at a known point. KILL_IN_SAVE=name: the torch.save to a path
     containing `name` writes half its bytes, then SIGKILL (after KILL_DELAY_S; on rank KILL_RANK only).
     KILL_AFTER_RENAME=name: SIGKILL just after a file is renamed to `name`.
     NAN_LOSS_STEPS, NAN_GRAD_STEPS: comma-separated steps whose loss or gradient is NaN."""
@@ -101,15 +116,13 @@ def install_faults(env):
     if env.get("KILL_RANK", "0") != env.get("RANK", "0"):
         return
 
-    if "KILL_AT_BATCH" in env:
-        next_batch, calls = prepare_c4.TokenLoader.next_batch, [0]
+    def pause():
+        Path(env["PAUSED_FILE"]).touch()
+        threading.Event().wait()  # until killed
 
-        def next_batch_or_die(self, batch_size):
-            calls[0] += 1
-            if calls[0] == int(env["KILL_AT_BATCH"]):
-                kill_self()
-            return next_batch(self, batch_size)
-        prepare_c4.TokenLoader.next_batch = next_batch_or_die
+    for key, fault in (("KILL_AT_BATCH", kill_self), ("PAUSE_AT_BATCH", pause)):
+        if key in env:
+            prepare_c4.TokenLoader.next_batch = fault_at_batch(prepare_c4.TokenLoader.next_batch, int(env[key]), fault)
 
     if "KILL_IN_SAVE" in env:
         save = torch.save
@@ -186,22 +199,35 @@ KILLS = {  # fault -> the step the resumed run continues from
     "mid_step": ({"KILL_AT_BATCH": str(7 * ACCUMULATION + 2)}, 4),  # second micro-batch of step 8
     "mid_checkpoint_write": ({"KILL_IN_SAVE": "ckpt_00000008"}, 4),  # half of step 8's checkpoint written
     "after_checkpoint_rename": ({"KILL_AFTER_RENAME": "ckpt_00000008.pt"}, 8),  # before its directory fsync
+    "external_kill": ({"PAUSE_AT_BATCH": str(5 * ACCUMULATION + 1)}, 4),  # by the test: step 5 done, step 6 waits
 }
 
 
-@pytest.mark.parametrize("fault", [*KILLS, "external_kill"])
+def wait_until(condition, proc, what: str, deadline_s: float = 300):
+    """Poll condition() until it holds; fail, naming `what`, if proc exits first or the deadline passes."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"no sign of {what} within {deadline_s} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", KILLS)
 def test_resume_after_kill_equals_the_uninterrupted_run(fault, data_dir, uninterrupted, tmp_path):
     out_dir = tmp_path / "out"
     args = ARGS + ["--data_dir", str(data_dir)]
-    if fault == "external_kill":  # SIGKILL from outside, wherever the run happens to be after step 5
-        proc = launch(args, out_dir, wait=False)
-        while not (out_dir / "metrics.jsonl").exists() or len(read_metrics(out_dir)) < 5:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.01)
+    faults, resumed_from = KILLS[fault]
+    if "PAUSE_AT_BATCH" in faults:  # SIGKILL from outside, once the run says where it is
+        paused = tmp_path / "paused"
+        proc = launch(args, out_dir, faults=faults | {"PAUSED_FILE": str(paused)}, wait=False)
+        wait_until(paused.exists, proc, f"the run pausing at micro-batch {faults['PAUSE_AT_BATCH']}")
         proc.kill()
-        proc.wait()
+        proc.communicate(timeout=60)
     else:
-        proc = launch(args, out_dir, faults=KILLS[fault][0])
+        proc = launch(args, out_dir, faults=faults)
     assert proc.returncode == -signal.SIGKILL
     if fault == "mid_checkpoint_write":
         assert (out_dir / "ckpt_00000008.pt.tmp").exists()  # the torn file, never under a checkpoint name
@@ -211,8 +237,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(fault, data_dir, uninter
 
     resumed = launch(args + ["--resume"], out_dir)
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
-    if fault in KILLS:
-        assert f"resumed from step {KILLS[fault][1]}" in resumed.stdout_text
+    assert f"resumed from step {resumed_from}" in resumed.stdout_text
     expected = deterministic(read_metrics(uninterrupted), DETERMINISTIC_KEYS)
     assert deterministic(read_metrics(out_dir), DETERMINISTIC_KEYS) == expected
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in uninterrupted.iterdir())  # no .tmp
