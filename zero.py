@@ -9,6 +9,7 @@ every rank the exact scalings of Alg. 3. No gradient is gathered.
 import itertools
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,17 @@ class ZeroSinkGD(SinkGD):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.partitions: dict[int, Partition] = {}  # id(flat fp32 partition) -> where its matrices lie
+        self.attached = False
 
     def attach(self, engine) -> None:
-        self.partitions = zero_partitions(engine, self)
+        self.partitions, self.attached = zero_partitions(engine, self), True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        # At stage 0 DeepSpeed's bf16/fp16 optimizers step once with zero gradients while deepspeed.initialize builds
+        # them, to create optimizer state. That is no training step: AdamW would count it (its bias corrections lag a
+        # step for the whole run) and weight decay would apply. Until attach(), step() does nothing.
+        return super().step(closure) if self.attached else None
 
     def _found_inf(self):
         # Under ZeRO, DeepSpeed's optimizer already skipped the step if the global gradient norm was not finite.
@@ -235,8 +244,13 @@ def load_deepspeed_file(path: str, map_location=None):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = next((line for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
+        raise checkpoint.CheckpointError(f"{path} holds more than tensors and DeepSpeed's own data ({what}); not "
+                                         "loaded, as that could run code: resume from a checkpoint you trust") from None
 
 
 def save(engine, out_dir: Path, step: int, state: dict, keep: int) -> None:

@@ -12,3 +12,15 @@ def data_dir(tmp_path_factory):
     prepare_c4.write_shard(path / "train_000000.bin", rng.integers(0, 50257, 20_000, dtype=np.uint16))
     prepare_c4.write_shard(path / "val_000000.bin", rng.integers(0, 50257, 2_000, dtype=np.uint16))
     return path
+
+
+@pytest.fixture(scope="module")
+def learnable_data_dir(tmp_path_factory):
+    """A learnable GPT-2-token corpus: one short document over and over, 12k tokens; its first 792 for validation."""
+    enc = prepare_c4.gpt2_encoding()
+    doc = [prepare_c4.EOT_TOKEN] + enc.encode_ordinary("The quick brown fox jumps over the lazy dog. " * 3)
+    tokens = np.array(doc * (12_000 // len(doc)), dtype=np.uint16)
+    path = tmp_path_factory.mktemp("learnable")
+    prepare_c4.write_shard(path / "train_000000.bin", tokens)
+    prepare_c4.write_shard(path / "val_000000.bin", tokens[:792])
+    return path

@@ -9,7 +9,6 @@ import importlib.util
 import io
 import math
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -312,12 +311,11 @@ def test_deepspeed_skips_a_nonfinite_gradient(stage, optimizer, data_dir, tmp_pa
 
 @needs_deepspeed
 def test_deepspeed_files_load_as_data_only(tmp_path):
-    class RunsCode:
-        def __reduce__(self):
-            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    """The loader alone; test_deepspeed.py shows it is the one a DeepSpeed resume uses."""
+    from test_deepspeed import RunsCode
     path = tmp_path / "mp_rank_00_model_states.pt"
-    torch.save({"module": {}, "payload": RunsCode()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    torch.save({"module": {}, "payload": RunsCode(tmp_path / "pwned")}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{path} holds more than tensors .*posix.system"):
         zero.load_deepspeed_file(str(path))
     assert not (tmp_path / "pwned").exists()
 

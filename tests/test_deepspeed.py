@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("deepspeed")
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
+import checkpoint  # noqa: E402
 from common import REPO, env_without_hub_client, launcher, read_metrics  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
 from tools import export_hf  # noqa: E402
@@ -27,10 +28,29 @@ ARGS = ["--device", "cpu", "--adam_eps", "1e-5", "--preset", "llama_tiny", "--se
         "--eval_tokens", "330", "--log_interval", "1", "--ckpt_interval", "3", "--dtype", "float32"]
 
 
-def run(args, out_dir, ranks=None, extra_env=None):
+SHIPPED_CONFIG = REPO / "ds_config.json"
+# train.py, then each rank's torch._dynamo counters into COUNTERS_DIR/rank<RANK>.json
+COUNTING_DRIVER = f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+from torch._dynamo.utils import counters
+import train
+try:
+    train.main(sys.argv[1:])
+finally:
+    with open(os.path.join(os.environ["COUNTERS_DIR"], f"rank{{os.environ['RANK']}}.json"), "w") as f:
+        json.dump({{name: dict(counts) for name, counts in counters.items()}}, f)
+"""
+
+
+def launch(args, out_dir, ranks=None, extra_env=None, script=REPO / "train.py") -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1"} | (extra_env or {})
-    proc = subprocess.run(launcher(ranks) + [str(REPO / "train.py"), *args, "--out_dir", str(out_dir)],
+    return subprocess.run(launcher(ranks) + [str(script), *args, "--out_dir", str(out_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run(args, out_dir, ranks=None, extra_env=None, script=REPO / "train.py"):
+    proc = launch(args, out_dir, ranks, extra_env, script)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(out_dir)
 
@@ -67,20 +87,21 @@ def assert_same_training(metrics, weights, ref_metrics, ref_weights, tol):
 
 @pytest.fixture(scope="module")
 def single_process(data_dir, tmp_path_factory):
-    """Reference runs, one per optimizer, computed once."""
+    """Reference runs, one per optimizer and corpus (default: random tokens), computed once."""
     cache = {}
 
-    def get(optimizer):
-        if optimizer not in cache:
+    def get(optimizer, corpus=data_dir):
+        if (optimizer, corpus) not in cache:
             out = tmp_path_factory.mktemp(f"single_{optimizer}")
-            metrics = run(ARGS + ["--data_dir", str(data_dir), "--optimizer", optimizer], out)
+            metrics = run(ARGS + ["--data_dir", str(corpus), "--optimizer", optimizer], out)
             weights = torch.load(out / "ckpt_00000003.pt", weights_only=True)["model"]
-            cache[optimizer] = metrics, weights
-        return cache[optimizer]
+            cache[optimizer, corpus] = metrics, weights
+        return cache[optimizer, corpus]
     return get
 
 
-STAGES = {"stage0": (0, {}), "stage1": (1, {}), "stage2": (2, {}),
+# zero options None: ds_config.json as shipped (ZeRO-2 with overlap_comm and contiguous_gradients), what users run
+STAGES = {"stage0": (0, {}), "stage1": (1, {}), "stage2-as-shipped": (2, None),
           "stage2-round-robin": (2, {"round_robin_gradients": True}),
           "stage3-subgroups": (3, {"sub_group_size": 2_000_000})}
 # the round-robin flat order only moves SinkGD's matrix fragments around; AdamW's math ignores it
@@ -91,7 +112,7 @@ CASES = [(name, optimizer) for name in STAGES for optimizer in ("sinkgd", "adamw
 @pytest.mark.parametrize("case,optimizer", CASES, ids=[f"{case}-{optimizer}" for case, optimizer in CASES])
 def test_zero_equals_single_process(case, optimizer, data_dir, single_process, tmp_path):
     stage, zero = STAGES[case]
-    config = ds_config(tmp_path, stage, **zero)
+    config = SHIPPED_CONFIG if zero is None else ds_config(tmp_path, stage, **zero)
     metrics = run(ARGS + ["--data_dir", str(data_dir), "--optimizer", optimizer, "--deepspeed_config", str(config)],
                   tmp_path / "out", ranks=2)
     weights = deepspeed_weights(tmp_path / "out", stage, "step_00000003")
@@ -113,28 +134,59 @@ def test_without_a_launcher_deepspeed_runs_as_one_rank(data_dir, single_process,
 
 
 def test_compiled_engine_equals_single_process(data_dir, single_process, tmp_path):
-    """--compile under DeepSpeed (engine.compile, inductor on the CPU): the single-process run, to float rounding."""
-    config = ds_config(tmp_path, 2)
-    metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--compile"],
-                  tmp_path / "out", ranks=2)
+    """--compile under DeepSpeed (engine.compile, inductor on the CPU): every rank compiles graphs, and trains as the
+    single process does, to float rounding."""
+    driver, counters_dir = tmp_path / "driver.py", tmp_path / "counters"
+    driver.write_text(COUNTING_DRIVER)
+    counters_dir.mkdir()
+    metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(SHIPPED_CONFIG), "--compile"],
+                  tmp_path / "out", ranks=2, extra_env={"COUNTERS_DIR": str(counters_dir)}, script=driver)
+    for rank in range(2):
+        counters = json.loads((counters_dir / f"rank{rank}.json").read_text())
+        graphs, inductor_graphs = counters.get("stats", {}).get("unique_graphs", 0), counters.get("inductor", {})
+        assert graphs >= 1 and sum(inductor_graphs.values()) >= 1, counters
     assert_same_training(metrics, deepspeed_weights(tmp_path / "out", 2, "step_00000003"), *single_process("sinkgd"),
                          tol=1e-4)
 
 
-def test_deepspeed_checkpoint_resumes_identically(data_dir, tmp_path):
-    config = ds_config(tmp_path, 2)
-    args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--max_steps", "4",
+class RunsCode:
+    """Unpickled by anything but a weights-only loader, it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_deepspeed_checkpoint_resumes_identically_and_as_data_only(data_dir, tmp_path):
+    args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(SHIPPED_CONFIG), "--max_steps", "4",
                    "--ckpt_interval", "2", "--eval_interval", "2", "--keep_checkpoints", "5"]
     straight = run(args, tmp_path / "straight", ranks=2)
     # Lose the last checkpoint, as a crash after step 2's save would.
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "step_00000004")
     (tmp_path / "resumed" / "latest").write_text("step_00000002")
-    resumed = run(args + ["--resume"], tmp_path / "resumed", ranks=2)
+    proc = launch(args + ["--resume"], tmp_path / "resumed", ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stdout  # not a restart from step 0, which would end with the same weights
+    resumed = read_metrics(tmp_path / "resumed")
     losses = lambda metrics: [(m["step"], m["train_loss"], m.get("val_loss")) for m in metrics]
     assert losses(resumed) == losses(straight)
     assert_same_training(resumed, deepspeed_weights(tmp_path / "resumed", 2, "step_00000004"),
                          straight, deepspeed_weights(tmp_path / "straight", 2, "step_00000004"), tol=1e-7)
+
+    # The newest checkpoint now holds a pickled call, and a manifest that vouches for it (whoever wrote the file
+    # could write that too): resuming refuses the file in one line, and nothing in it runs.
+    tag_dir, pwned = tmp_path / "straight" / "step_00000004", tmp_path / "pwned"
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    torch.save(states | {"payload": RunsCode(pwned)}, tag_dir / "mp_rank_00_model_states.pt")
+    (tag_dir / checkpoint.MANIFEST).write_text(json.dumps(
+        {p.name: checkpoint.durable_sha256(p) for p in tag_dir.iterdir() if p.name != checkpoint.MANIFEST}))
+    proc = launch(args + ["--resume"], tmp_path / "straight", ranks=2)
+    assert proc.returncode != 0 and not pwned.exists()
+    assert (f"error: {tag_dir / 'mp_rank_00_model_states.pt'} holds more than tensors and DeepSpeed's own data"
+            in proc.stderr), proc.stderr[-3000:]
 
 
 # bf16 under DeepSpeed at every stage that keeps fp32 master weights in a different place: stage 0 (its fp16/bf16
@@ -144,25 +196,30 @@ BF16_CASES = {"stage0": (0, {}), "stage1": (1, {}), "stage1-fp32-accumulation": 
 
 
 @pytest.mark.parametrize("case", BF16_CASES)
-def test_bf16_update_tracks_the_fp32_run(case, data_dir, single_process, tmp_path):
-    """The change of every weight over 3 steps equals the fp32 single-process run's up to bf16 rounding: within 10%
-    for SinkGD's matrices (where a fragment mapped to the wrong rows or columns is off by far more), within 50% for
-    AdamW's parameters, whose small changes bf16 gradients move more (most at stage 0, which reduces in bf16)."""
+def test_bf16_update_tracks_the_fp32_run(case, learnable_data_dir, single_process, tmp_path):
+    """On the learnable corpus, the losses and the change of every weight over 3 steps equal the fp32 single-process
+    run's up to bf16 rounding, and the master weights are fp32."""
     stage, data_types = BF16_CASES[case]
     config = ds_config(tmp_path, stage, {"data_types": data_types})
-    metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--dtype", "bfloat16"],
-                  tmp_path / "out", ranks=2)
-    ref_metrics, ref_weights = single_process("sinkgd")
+    metrics = run(ARGS + ["--data_dir", str(learnable_data_dir), "--deepspeed_config", str(config), "--dtype",
+                          "bfloat16"], tmp_path / "out", ranks=2)
+    ref_metrics, ref_weights = single_process("sinkgd", learnable_data_dir)
+    # These 3 steps take the loss from 10.9 to 5.5; bf16 moves it by ~2e-4 of itself, an untrained run by all of it.
     for m, r in zip(metrics, ref_metrics, strict=True):
-        assert m["step"] == r["step"] and abs(m["train_loss"] - r["train_loss"]) < 0.02 * r["train_loss"]
+        assert m["step"] == r["step"] and abs(m["train_loss"] - r["train_loss"]) < 1e-3 * r["train_loss"], (m, r)
     weights, _ = export_hf.load_weights(tmp_path / "out")  # fp32 master weights, at every stage
     torch.manual_seed(0)
     initial = Llama(CONFIGS["llama_tiny"]).state_dict()
     errors = {}
     for name, ref in ref_weights.items():
         assert weights[name].dtype == torch.float32, name
-        change, ref_change = weights[name] - initial[name], ref - initial[name]
+        # DeepSpeed starts from the model's weights in bf16
+        change, ref_change = weights[name] - initial[name].bfloat16().float(), ref - initial[name]
         errors[name] = ((change - ref_change).norm() / ref_change.norm()).item()
-    # SinkGD's matrices (what the ZeRO layouts steer) closely; AdamW's parameters through bf16 gradients: looser
-    assert max(error for name, error in errors.items() if "_proj." in name) < 0.1, errors
-    assert max(errors.values()) < 0.5, errors
+    # bf16 gradients move the change of a weight by up to 12% (SinkGD's matrices) and 5% (AdamW's parameters) in these
+    # 3 steps, the same at every stage; a step that is not the fp32 one, or a fragment in the wrong place, by more
+    assert max(error for name, error in errors.items() if "_proj." in name) < 0.15, errors
+    assert max(error for name, error in errors.items() if "_proj." not in name) < 0.08, errors
+    # and the master weights are fp32 values, not bf16 ones widened
+    master = torch.cat([weights[name].flatten() for name in ref_weights if "_proj." in name])
+    assert (master != master.bfloat16().float()).float().mean() > 0.9
