@@ -1,7 +1,6 @@
 """SinkGD: Sinkhorn Gradient Descent, from Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless
-and Scalable LLM Training" (arXiv 2502.06742), with the paper's algorithm numbers: `sr_sinkhorn` is Alg. 3, `SinkGD`
-Alg. 4 (torch's fused AdamW where the paper has AdamW), `sinkgd_param_groups` the paper's split. zero.py runs Alg. 3
-on DeepSpeed ZeRO's flat partitions."""
+and Scalable LLM Training" (arXiv 2502.06742): `sr_sinkhorn` is Alg. 3, `SinkGD` Alg. 4 (torch's fused AdamW where the
+paper has AdamW), `sinkgd_param_groups` the paper's split. sinkgd_zero.py: Alg. 3 on DeepSpeed ZeRO's partitions."""
 from collections import defaultdict
 
 import torch
@@ -60,9 +59,9 @@ class SinkGD(torch.optim.Optimizer):
     layers. Their products follow torch.set_float32_matmul_precision, as every float32 matmul does: at the default
     "highest" X is Alg. 3 to float32 rounding; "high" (TF32 on CUDA) or "medium" (bf16) leave ~1e-3 in X.
     Finiteness is decided on the device and masks the whole step (AdamW's through its found_inf); the one host sync
-    reads it after every kernel is queued. Then a non-finite gradient raises FloatingPointError, or with
-    skip_nonfinite=True sets `overflow`, the flag by which DeepSpeed's engine (and train.py's) leaves the lr schedule
-    alone too. Either way no weight or AdamW state has changed."""
+    reads it after every kernel is queued. A non-finite gradient then raises FloatingPointError, or with
+    skip_nonfinite=True sets `overflow`, by which DeepSpeed's engine (and train.py's) leaves the lr schedule alone too;
+    no weight or AdamW state has changed. step() refuses matrices that a wrapper has since flattened or resized."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, sinkgd: bool = True, transposed: bool = False,
@@ -73,6 +72,7 @@ class SinkGD(torch.optim.Optimizer):
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in per_device):
             raise ValueError(f"stack_bytes must be a number of bytes >= 0 or a dict of them per device type, e.g. "
                              f"{{'cuda': 64 << 20}}; got {stack_bytes!r}")
+        self.matrix_shapes: list[list[torch.Size]] = []  # per group, as added: step() checks they still hold
         # fused=True, the AdamW groups' math, also makes load_state_dict move `step` to the parameter's device
         super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps, fused=True,
                                       weight_decay=weight_decay, sinkgd=sinkgd, transposed=transposed))
@@ -83,12 +83,18 @@ class SinkGD(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
+        shards = [tuple(p.shape) for p in group["params"] if hasattr(p, "placements")]  # DTensors: FSDP2, TP
         if group["sinkgd"] and not_matrices:
             raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put them in a group "
                              "with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
+        if group["sinkgd"] and shards:
+            raise ValueError(f"SinkGD groups take whole matrices, got DTensor shards {shards} (FSDP2 or tensor "
+                             "parallel); SR-Sinkhorn needs each matrix whole: shard with DeepSpeed ZeRO instead")
+        self.matrix_shapes.append([p.shape for p in group["params"]])
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_matrices()
         with torch.enable_grad():
             loss = closure() if closure is not None else None
         found_inf = self._found_inf()
@@ -98,6 +104,14 @@ class SinkGD(torch.optim.Optimizer):
         if self.overflow and not self.skip_nonfinite:
             raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
         return loss
+
+    def _check_matrices(self) -> None:
+        """A wrapper (DeepSpeed ZeRO, FSDP1) may have swapped a group's matrices for flat pieces since it was made."""
+        for group, shapes in zip(self.param_groups, self.matrix_shapes):
+            if group["sinkgd"] and [p.shape for p in group["params"]] != shapes:
+                raise RuntimeError(f"SinkGD: matrices {[tuple(s) for s in shapes][:3]} became tensors shaped "
+                                   f"{[tuple(p.shape) for p in group['params']][:3]}; SR-Sinkhorn of flat or sharded "
+                                   "pieces is sign descent, not Alg. 3: under DeepSpeed use sinkgd_zero.ZeroSinkGD")
 
     def _found_inf(self) -> Tensor | None:
         """1.0 on the device if a gradient is not finite, else 0.0: by min and max, which NaN reaches and which,

@@ -28,6 +28,7 @@ import prepare_c4
 import zero
 from model import CONFIGS, Llama, flops_per_token
 from sinkgd import SinkGD, sinkgd_param_groups
+from sinkgd_zero import ZeroSinkGD
 
 
 @dataclass
@@ -320,7 +321,7 @@ def train(cfg: TrainConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = Llama(CONFIGS[cfg.model]).to(device)
-    optimizer = build_optimizer(cfg, model, zero.ZeroSinkGD if cfg.deepspeed_config else SinkGD)
+    optimizer = build_optimizer(cfg, model, ZeroSinkGD if cfg.deepspeed_config else SinkGD)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
     if cfg.deepspeed_config:

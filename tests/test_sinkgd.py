@@ -15,7 +15,7 @@ from model import CONFIGS
 
 from sinkgd import SinkGD, sinkgd_param_groups, sr_sinkhorn
 from tools.bench_optimizer import multinorm, normalize_columns, normalize_rows, swan, whiten
-from zero import Partition, Piece, sr_sinkhorn_sharded
+from sinkgd_zero import Partition, Piece, sr_sinkhorn_sharded
 
 
 def reference(g, num_iters):
@@ -373,6 +373,26 @@ def test_vector_in_sinkgd_group_fails_at_construction():
     mats, vecs = make_params()
     with pytest.raises(ValueError, match=r"matrices only, got shapes \[\(4,\)\].*sinkgd=False"):
         SinkGD(mats + vecs[:1])
+
+
+def test_matrices_flattened_or_resized_by_a_wrapper_are_refused():
+    """DeepSpeed ZeRO-1/2 (and FSDP1) swap a group's matrices for one flat partition after the optimizer is built;
+    SR-Sinkhorn of that (1, N) stack is sign(G). The step raises before anything changes; a resized matrix too."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(3, 6))
+    optimizer = SinkGD([a, b], lr=0.1)
+    flat = nn.Parameter(torch.cat([a.detach().flatten(), b.detach().flatten()]))
+    flat.grad = torch.randn(42)
+    optimizer.param_groups[0]["params"] = [flat]
+    before = flat.detach().clone()
+    with pytest.raises(RuntimeError, match=r"matrices \[\(4, 6\), \(3, 6\)\] became tensors shaped \[\(42,\)\]; "
+                                           r"SR-Sinkhorn of flat .* use sinkgd_zero.ZeroSinkGD"):
+        optimizer.step()
+    assert torch.equal(flat, before)
+    optimizer = SinkGD([a], lr=0.1)
+    a.data, a.grad = a.data[:2], torch.randn(2, 6)
+    with pytest.raises(RuntimeError, match=r"matrices \[\(4, 6\)\] became tensors shaped \[\(2, 6\)\]"):
+        optimizer.step()
 
 
 def test_bad_hyperparameters_fail():
@@ -788,15 +808,16 @@ def test_transposed_expert_tensors_follow_their_module():
         sinkgd_param_groups(model, model[2], lr=1.0)
 
 
-def test_pip_install_gives_the_optimizer_alone(tmp_path):
-    """pyproject.toml builds a wheel holding sinkgd.py only, whose one dependency is torch."""
+def test_pip_install_gives_the_optimizers_alone(tmp_path):
+    """pyproject.toml builds a wheel holding sinkgd.py and sinkgd_zero.py, whose one dependency is torch; installed
+    elsewhere, both import without DeepSpeed or transformers."""
     import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    for name in ("pyproject.toml", "sinkgd.py", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "sinkgd.py", "sinkgd_zero.py", "README.md", "LICENSE"):
         shutil.copy(repo / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(tmp_path)], check=True, cwd=tmp_path)
@@ -804,5 +825,14 @@ def test_pip_install_gives_the_optimizer_alone(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         files = zf.namelist()
         metadata = zf.read(next(f for f in files if f.endswith("METADATA"))).decode()
-    assert [f for f in files if ".dist-info/" not in f] == ["sinkgd.py"]
+    assert sorted(f for f in files if ".dist-info/" not in f) == ["sinkgd.py", "sinkgd_zero.py"]
     assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist")] == ["Requires-Dist: torch>=2.4"]
+    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True)
+    elsewhere.mkdir()
+    check = ("import sys, sinkgd, sinkgd_zero; print(sinkgd_zero.__file__); "
+             "print(sorted({'deepspeed', 'transformers', 'accelerate'} & sys.modules.keys()))")
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {check}"],
+                         cwd=elsewhere, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == [str(target / "sinkgd_zero.py"), "[]"]

@@ -7,7 +7,7 @@
 Both optimizers are built exactly as train.py builds them (train.build_optimizer, zero.initialize on
 ds_config.json with the stage replaced) and trained for a few steps on random tokens. Every collective
 is counted by wrapping torch.distributed before DeepSpeed starts, so DeepSpeed's own traffic and the
-plain torch.distributed.all_reduce calls of sinkgd.py are both seen. Steps after --warmup are counted,
+plain torch.distributed.all_reduce calls of sinkgd_zero.py are both seen. Steps after --warmup are counted,
 split into forward, backward, engine.step outside the optimizer (ZeRO: gradient reduction, parameter
 all-gather, grad norm) and the client optimizer's own step().
 
@@ -141,6 +141,7 @@ COUNTER = CommCounter().install()  # before train.py (and through it DeepSpeed) 
 import train  # noqa: E402
 import zero  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
+from sinkgd_zero import ZeroSinkGD  # noqa: E402
 
 PHASES = ("forward", "backward", "engine.step", "optimizer.step", "init", "other")
 
@@ -189,7 +190,7 @@ def measure(args, optimizer_name: str, stage: int, config_path: str, device) -> 
         "--sinkhorn_iters", str(args.sinkhorn_iters), "--deepspeed_config", config_path])
     torch.manual_seed(cfg.seed)
     model = Llama(CONFIGS[cfg.model]).to(device)
-    optimizer = train.build_optimizer(cfg, model, zero.ZeroSinkGD)
+    optimizer = train.build_optimizer(cfg, model, ZeroSinkGD)
     _tag_step(optimizer, "optimizer.step")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(cfg, step))
     with COUNTER.tagged("init"):

@@ -1,0 +1,112 @@
+"""SinkGD inside training stacks we did not write: the README's Hugging Face Trainer and accelerate recipes under
+DeepSpeed ZeRO-2 on 2 CPU ranks equal one process with plain SinkGD, and sharding SinkGD cannot read is refused."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import sinkgd_zero
+from common import REPO, launcher
+from sinkgd import SinkGD, sinkgd_param_groups
+from sinkgd_zero import ZeroSinkGD
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("accelerate")
+transformers = pytest.importorskip("transformers")
+import hf_deepspeed_driver as driver  # noqa: E402
+
+
+def run_driver(recipe, out_dir):
+    return subprocess.run(launcher(2) + [str(REPO / "tests" / "hf_deepspeed_driver.py"), recipe, str(out_dir)],
+                          cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The initial weights, and the weights after the driver's 3 steps as one process with plain SinkGD: each step
+    on all 8 of its sequences at once."""
+    model, data = driver.tiny_llama_and_data()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = SinkGD(sinkgd_param_groups(model, model.model.layers, lr=driver.LR))
+    for step in range(driver.STEPS):
+        ids = torch.stack([d["input_ids"] for d in data[8 * step:8 * step + 8]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return initial, model.state_dict()
+
+
+@pytest.mark.parametrize("recipe", ["trainer", "accelerate"])
+def test_recipe_under_deepspeed_equals_one_process(recipe, one_process, tmp_path):
+    proc = run_driver(recipe, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    initial, expected = one_process
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert result["zero_partitions"] == 1  # the SinkGD group reached the step as ZeRO-2 partitions
+    weights = result["weights"]
+    assert weights.keys() == expected.keys()
+    for name, ref in expected.items():  # each weight's change over the 3 steps, to fp32 rounding (measured ~1e-6)
+        change, ref_change = weights[name] - initial[name], ref - initial[name]
+        assert (change - ref_change).norm() <= 1e-5 * ref_change.norm(), name
+
+
+def test_plain_sinkgd_under_deepspeed_is_refused(tmp_path):
+    """What a user could write before sinkgd_zero was installable: ZeRO-2 hands each SinkGD group over as one flat
+    partition, whose SR-Sinkhorn is sign(G). The step refuses it, in one line naming the fix."""
+    proc = run_driver("trainer-plain-sinkgd", tmp_path)
+    assert proc.returncode != 0 and not (tmp_path / "result.pt").exists()
+    assert ("RuntimeError: SinkGD: matrices [(32, 32), (16, 32), (16, 32)] became tensors shaped [(9216,)]; "
+            "SR-Sinkhorn of flat or sharded pieces is sign descent, not Alg. 3: under DeepSpeed use "
+            "sinkgd_zero.ZeroSinkGD") in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fsdp2_shards_are_refused(tmp_path):
+    """FSDP2 (fully_shard) hands DTensor shards: refused when the optimizer is built."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from sinkgd import SinkGD, sinkgd_param_groups
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+model = nn.Sequential(nn.Embedding(10, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)))
+fully_shard(model, mesh=torch.distributed.device_mesh.init_device_mesh("cpu", (1,)))
+SinkGD(sinkgd_param_groups(model, model[1], lr=0.1))
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert ("ValueError: SinkGD groups take whole matrices, got DTensor shards [(8, 8), (4, 8)] (FSDP2 or tensor "
+            "parallel)") in proc.stderr, proc.stderr[-3000:]
+
+
+def test_zero_sinkgd_refuses_to_train_before_attach():
+    """DeepSpeed's own zero-gradient step while it builds its stage-0 bf16/fp16 wrapper is ignored; a real gradient
+    before attach() means attach was forgotten, and would train flat partitions as matrices."""
+    torch.manual_seed(0)
+    weight, norm = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.ones(6))
+    optimizer = ZeroSinkGD([dict(params=[weight]), dict(params=[norm], sinkgd=False)], lr=0.1)
+    before = [weight.detach().clone(), norm.detach().clone()]
+    weight.grad, norm.grad = torch.zeros_like(weight), torch.zeros_like(norm)
+    optimizer.step()
+    assert torch.equal(weight, before[0]) and torch.equal(norm, before[1]) and not optimizer.state
+    weight.grad = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match=r"before attach\(\): call optimizer.attach\(engine\)"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="SGD does not wrap this optimizer"):
+        optimizer.attach(torch.optim.SGD([norm], lr=0.1))
+    optimizer.attach(optimizer)  # no DeepSpeed between: plain SinkGD
+    optimizer.step()
+    assert not torch.equal(weight, before[0])
+
+
+def test_trainer_callback_names_the_missing_optimizer():
+    """The Trainer under DeepSpeed ignores optimizers= and builds AdamW: the callback says how to hand it SinkGD."""
+    callback = sinkgd_zero.trainer_callback()
+    with pytest.raises(ValueError, match=r"optimizer \(SGD\) is no ZeroSinkGD: pass optimizer_cls_and_kwargs"):
+        callback.on_train_begin(None, None, None, optimizer=torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1))
