@@ -49,9 +49,9 @@ def test_recipe_under_deepspeed_equals_one_process(recipe, one_process, tmp_path
     assert result["zero_partitions"] == 1  # the SinkGD group reached the step as ZeRO-2 partitions
     weights = result["weights"]
     assert weights.keys() == expected.keys()
-    for name, ref in expected.items():  # each weight's change over the 3 steps, to fp32 rounding (measured ~1e-6)
-        change, ref_change = weights[name] - initial[name], ref - initial[name]
-        assert (change - ref_change).norm() <= 1e-5 * ref_change.norm(), name
+    errors = {name: ((weights[name] - initial[name]) - (ref - initial[name])).norm() / (ref - initial[name]).norm()
+              for name, ref in expected.items()}
+    assert max(errors.values()) <= 1e-5, (errors, proc.stdout[-2000:])  # each weight's change; measured ~1e-6
 
 
 def test_plain_sinkgd_under_deepspeed_is_refused(tmp_path):
