@@ -6,12 +6,15 @@
     python train.py --out_dir out/demo --resume            # continue from the newest intact checkpoint
     deepspeed --num_gpus 8 train.py --preset llama_1b --deepspeed_config ds_config.json
 
-Options are the fields of TrainConfig, given as --key value; --preset picks a starting point.
+Options are the fields of TrainConfig, given as --key value; --preset picks a starting point; --help lists them.
 """
+import argparse
+import inspect
 import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -33,42 +36,39 @@ from sinkgd_zero import ZeroSinkGD
 
 @dataclass
 class TrainConfig:
-    preset: str = "demo"
+    """Every field is an option, --key value; its comments are its --help text."""
+    preset: str = "demo"  # starting values for the other options (listed below); the options given override them
     model: str = "llama_tiny"  # a key of model.CONFIGS
     data_dir: str = "data/demo"  # holds train_*.bin and val_*.bin from prepare_c4.py
-    out_dir: str = "out/demo"
-    # optimizer: the paper's hybrid (SinkGD on block matrices, AdamW on the rest), or plain AdamW
-    optimizer: str = "sinkgd"
+    out_dir: str = "out/demo"  # checkpoints and metrics.jsonl
+    optimizer: str = "sinkgd"  # sinkgd: the paper's hybrid (SinkGD on block matrices, AdamW on the rest); adamw
     lr: float = 0.02  # global lr: AdamW's; the SinkGD matrices get alpha * lr
-    alpha: float = 0.05
-    sinkhorn_iters: int = 5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
+    alpha: float = 0.05  # SinkGD's share of the lr (paper: 0.05)
+    sinkhorn_iters: int = 5  # L, SR-Sinkhorn's iterations per step (paper: 5)
+    weight_decay: float = 0.0  # decoupled, for every parameter: W <- (1 - lr * weight_decay) W
+    beta1: float = 0.9  # AdamW's, for the embedding, norms and head
+    beta2: float = 0.999  # AdamW's
+    adam_eps: float = 1e-8  # AdamW's
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     # a step whose loss or gradient is not finite is skipped (no weight, optimizer or schedule update; the data
     # moves on) up to this many times in a run; one more stops the run. 0: stop at the first.
     max_bad_steps: int = 0
-    # batch: batch_size sequences of seq_len tokens per step, as micro-batches x accumulation
-    batch_size: int = 512
-    micro_batch_size: int = 32
-    seq_len: int = 256
-    # schedule: linear warmup, then cosine decay to min_lr_frac * lr at max_steps
-    max_steps: int = 10_000
-    warmup_frac: float = 0.1
-    min_lr_frac: float = 0.1
-    # evaluation, logging and checkpoints (every *_interval steps, and at the end)
-    eval_interval: int = 1000
+    batch_size: int = 512  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 32  # sequences per forward and backward on a rank; sets the memory, not the result
+    seq_len: int = 256  # tokens per sequence
+    max_steps: int = 10_000  # optimizer steps; the schedule ends here
+    warmup_frac: float = 0.1  # linear warmup over this fraction of max_steps, then cosine decay
+    min_lr_frac: float = 0.1  # ... to min_lr_frac * lr at max_steps
+    eval_interval: int = 1000  # steps between validations (and one at the end)
     eval_tokens: int = 10_000_000  # the fixed validation budget: the first tokens of the val shards
-    log_interval: int = 10
-    ckpt_interval: int = 1000
-    keep_checkpoints: int = 3
-    resume: bool = False
-    seed: int = 0
+    log_interval: int = 10  # steps between log lines
+    ckpt_interval: int = 1000  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the newest this many are kept
+    resume: bool = False  # continue from the newest intact checkpoint in out_dir
+    seed: int = 0  # for the initial weights and the data order
     device: str = "auto"  # auto: cuda if present, else cpu
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32 or bfloat16
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     # DeepSpeed: set by `deepspeed train.py --deepspeed_config ds_config.json` (or torchrun)
     deepspeed_config: str = ""
     local_rank: int = -1  # appended by the deepspeed launcher; LOCAL_RANK is read from the environment
@@ -96,36 +96,55 @@ class ConfigError(ValueError):
     pass
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage and exit 2; train.py's errors are one line
+        raise ConfigError(f"{message} (see python train.py --help)")
+
+
+def boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expects true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field's comments in the class source, as help text: the comment lines above it and the one after it."""
+    help_text, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        code, _, comment = (part.strip() for part in line.partition("#"))
+        if field := re.match(r"(\w+): ", code):
+            help_text[field[1]] = " ".join(above + [comment]).strip()
+        above = [*above, comment] if comment and not code else []
+    return help_text
+
+
+def build_parser(preset: str) -> ArgumentParser:
+    """--key value (or --key=value) for every TrainConfig field, its default the preset's; a bool also as --key."""
+    defaults = replace(TrainConfig(), **PRESETS[preset])
+    presets = "\n".join(f"  {name}: {' '.join(f'{k}={v}' for k, v in p.items())}" for name, p in PRESETS.items())
+    parser = ArgumentParser(description=__doc__, epilog=f"presets (--preset NAME applies first):\n{presets}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    help_text = field_help(TrainConfig)
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        kind = boolean if f.type is bool else f.type
+        extra = dict(nargs="?", const=True, metavar="{true,false}") if kind is boolean else {}
+        if f.name == "preset":
+            extra["choices"] = list(PRESETS)
+        description = f"{help_text[f.name]} (default: {default!r})".lstrip().replace("%", "%%")
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=description, **extra)
+    return parser
+
+
 def parse_config(argv: list[str]) -> TrainConfig:
-    """--key value (or --key=value) for every TrainConfig field; --preset applies first."""
-    pairs, args = {}, list(argv)
-    types = {f.name: f.type.__name__ for f in fields(TrainConfig)}
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options are --key value")
-        key, equals, value = arg[2:].partition("=")
-        if equals and not value:
-            raise ConfigError(f"--{key}= needs a value")
-        if key not in types:
-            raise ConfigError(f"unknown option --{key}; valid options: {', '.join('--' + k for k in types)}")
-        if not value:
-            flag = types[key] == "bool" and (not args or args[0].startswith("--"))
-            value = "true" if flag else (args.pop(0) if args else "")
-        pairs[key] = value
-    preset = pairs.pop("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = replace(TrainConfig(), preset=preset, **PRESETS[preset])
-    for key, value in pairs.items():
-        kind = types[key]
-        try:
-            if kind == "bool" and value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            cfg = replace(cfg, **{key: value.lower() in ("true", "1") if kind == "bool"
-                                  else {"int": int, "float": float, "str": str}[kind](value)})
-        except ValueError:
-            raise ConfigError(f"--{key} expects a {kind}, got {value!r}") from None
+    """The options given over the preset's values (TrainConfig's defaults, then PRESETS[--preset]); validated."""
+    preset = build_parser(TrainConfig.preset).parse_known_args(
+        [a for a in argv if a not in ("-h", "--help")])[0].preset
+    namespace, rest = build_parser(preset).parse_known_args(argv)
+    if rest:
+        raise ConfigError(f"unknown option {rest[0]}; see python train.py --help" if rest[0].startswith("-")
+                          else f"unexpected argument {rest[0]!r}: options are --key value")
+    cfg = TrainConfig(**vars(namespace))
     validate(cfg)
     return cfg
 

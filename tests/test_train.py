@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -507,6 +507,28 @@ def test_paper_presets(name, steps):
     assert (cfg.lr, cfg.alpha, cfg.sinkhorn_iters) == (0.02, 0.05, 5)
     assert (cfg.warmup_frac, cfg.min_lr_frac, cfg.weight_decay) == (0.1, 0.1, 0.0)
     assert cfg.data_dir == "data/c4" and cfg.out_dir == f"out/{name}"
+
+
+def test_help_lists_every_option_with_its_comment_and_the_presets():
+    out = subprocess.run([sys.executable, "train.py", "--preset", "llama_60m", "--help"], cwd=REPO, text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    help_text = train.field_help(TrainConfig)
+    for f in fields(TrainConfig):
+        assert help_text[f.name], f"TrainConfig.{f.name} has no comment to serve as its --help"
+        assert f"--{f.name}" in text and " ".join(help_text[f.name].split()) in text
+    assert "sinkgd: the paper's hybrid" in help_text["optimizer"] and "one more stops" in help_text["max_bad_steps"]
+    assert "(default: 128)" in text.split("--micro_batch_size MICRO_BATCH_SIZE")[-1][:200]  # llama_60m's value
+    assert all(f"{name}: model=" in out.stdout for name in train.PRESETS)
+
+
+def test_boolean_options():
+    assert parse_config(["--resume", "--compile", "false"]).resume is True
+    assert parse_config(["--resume=0", "--compile", "1"]).compile is True
+    assert parse_config([]).compile is False
+    with pytest.raises(ConfigError, match="--compile: expects true or false, got 'yes'"):
+        parse_config(["--compile", "yes"])
 
 
 def test_preset_then_overrides():
