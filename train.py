@@ -306,6 +306,17 @@ def memory_record(device: torch.device) -> dict:
     return {"memory_mib": peak / 2**20, "rss_mib": rss}
 
 
+def log_line(record: dict, max_steps: int) -> str:
+    """step k/N, then the record's values, durations as h:mm:ss: one line per --log_interval steps."""
+    def value(key, v):
+        if key.endswith("_s"):
+            minutes, seconds = divmod(round(v), 60)
+            return f"{key[:-2]} {minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+        return f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
+    return " | ".join([f"step {record['step']}/{max_steps}"] +
+                      [value(k, v) for k, v in record.items() if k not in ("step", "time")])
+
+
 # --------------------------------------------------------------------------------------------------
 # Training.
 
@@ -368,7 +379,8 @@ def train(cfg: TrainConfig) -> dict:
               f"tokens/step ({cfg.micro_batch_size} x {accumulation} x {world_size} x {cfg.seq_len}) | {device}"
               f"{' bf16' if bf16 else ''}{' | deepspeed' if cfg.deepspeed_config else ''}")
 
-    result, t_last, tokens_since = {}, time.perf_counter(), 0
+    result, tokens_since = {}, 0
+    t_start = t_last = time.perf_counter()
     while step < cfg.max_steps:
         lr = optimizer.param_groups[-1]["lr"]
         loss_sum = torch.zeros((), device=device)
@@ -398,15 +410,16 @@ def train(cfg: TrainConfig) -> dict:
             record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec}
             if math.isfinite(peak_flops):  # model FLOPs utilisation, on a GPU of known peak
                 record["mfu"] = tokens_per_sec * flops_per_token(CONFIGS[cfg.model], cfg.seq_len) / peak_flops
-            record |= memory_record(device) | {"time": time.time()}
+            # ETA at the last interval's speed (evaluation and checkpoints not counted)
+            elapsed, eta = time.perf_counter() - t_start, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec
+            record |= memory_record(device) | {"elapsed_s": elapsed, "eta_s": eta, "time": time.time()}
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             val_loss = evaluate(engine, val_windows, cfg.micro_batch_size, device, autocast)
             result = record = (record or {"step": step}) | {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
         if record is not None and main_rank:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in record.items() if k != "time"), flush=True)
+            print(log_line(record, cfg.max_steps), flush=True)
         if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
             state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state(), "step": step,
                      "nonfinite_steps": nonfinite_steps, "config": asdict(cfg)}

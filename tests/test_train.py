@@ -294,10 +294,25 @@ def test_main_runs_from_command_line_options(data_dir, tmp_path, capsys):
     out_dir = tmp_path / "main"
     train.main(["--preset", "llama_tiny", "--model", TEST_MODEL, "--data_dir", str(data_dir),
                 "--out_dir", str(out_dir), "--batch_size=4", "--micro_batch_size=4", "--seq_len=16",
-                "--max_steps=2", "--eval_tokens=34", "--log_interval=1", "--device=cpu"])
-    assert "final validation loss" in capsys.readouterr().out
-    assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
-    assert [p.name for p in checkpoint.checkpoint_paths(out_dir)] == ["ckpt_00000002.pt"]
+                "--max_steps=4", "--eval_tokens=34", "--log_interval=2", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "final validation loss" in out
+    metrics = read_metrics(out_dir)
+    assert [r["step"] for r in metrics] == [2, 4]
+    assert [p.name for p in checkpoint.checkpoint_paths(out_dir)] == ["ckpt_00000004.pt"]
+    # one progress line per interval: step k/N first, the time so far and the ETA at the interval's speed last
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2, out
+    for line, r in zip(lines, metrics):
+        duration = r"(\d+):(\d\d):(\d\d)"
+        found = re.fullmatch(rf"step {r['step']}/4 \| train_loss .* \| elapsed {duration} \| eta {duration}"
+                             r"( \| val_loss .*)?", line)
+        assert found, line
+        h, m, s, eta_h, eta_m, eta_s = map(int, found.groups()[:6])
+        assert r["eta_s"] == pytest.approx((4 - r["step"]) * 4 * 16 / r["tokens_per_sec"], rel=1e-9)
+        assert 3600 * eta_h + 60 * eta_m + eta_s == round(r["eta_s"]) and 3600 * h + 60 * m + s == round(r["elapsed_s"])
+    assert metrics[0]["eta_s"] > 0 and metrics[-1]["eta_s"] == 0
+    assert 0 < metrics[0]["elapsed_s"] < metrics[-1]["elapsed_s"]
 
 
 def test_main_reports_errors_as_one_line(tmp_path):
