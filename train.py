@@ -351,6 +351,7 @@ def train(cfg: TrainConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = Llama(CONFIGS[cfg.model]).to(device)
+    num_params = model.num_params()  # counted before ZeRO-3 partitions the weights away
     optimizer = build_optimizer(cfg, model, ZeroSinkGD if cfg.deepspeed_config else SinkGD)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
@@ -375,7 +376,7 @@ def train(cfg: TrainConfig) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak_flops = world_size * peak_bf16_flops(device_name)
     if main_rank:
-        print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M params | {cfg.optimizer} | {tokens_per_step} "
+        print(f"{cfg.model}: {num_params / 1e6:.1f}M params | {cfg.optimizer} | {tokens_per_step} "
               f"tokens/step ({cfg.micro_batch_size} x {accumulation} x {world_size} x {cfg.seq_len}) | {device}"
               f"{' bf16' if bf16 else ''}{' | deepspeed' if cfg.deepspeed_config else ''}")
 

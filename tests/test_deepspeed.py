@@ -190,9 +190,11 @@ def test_deepspeed_checkpoint_resumes_identically_and_as_data_only(data_dir, tmp
 
 
 # bf16 under DeepSpeed at every stage that keeps fp32 master weights in a different place: stage 0 (its fp16/bf16
-# optimizer), ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer), ZeRO-1/2 otherwise (the ZeRO optimizer).
+# optimizer), ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer), ZeRO-1/2 otherwise (the ZeRO optimizer), and
+# ZeRO-3 (its own optimizer, one flat partition per sub-group).
 BF16_CASES = {"stage0": (0, {}), "stage1": (1, {}), "stage1-fp32-accumulation": (1, {"grad_accum_dtype": "fp32"}),
-              "stage2": (2, {}), "stage2-fp32-accumulation": (2, {"grad_accum_dtype": "fp32"})}
+              "stage2": (2, {}), "stage2-fp32-accumulation": (2, {"grad_accum_dtype": "fp32"}),
+              "stage3-subgroups": (3, {})}
 
 
 @pytest.mark.parametrize("case", BF16_CASES)
@@ -200,7 +202,7 @@ def test_bf16_update_tracks_the_fp32_run(case, learnable_data_dir, single_proces
     """On the learnable corpus, the losses and the change of every weight over 3 steps equal the fp32 single-process
     run's up to bf16 rounding, and the master weights are fp32."""
     stage, data_types = BF16_CASES[case]
-    config = ds_config(tmp_path, stage, {"data_types": data_types})
+    config = ds_config(tmp_path, stage, {"data_types": data_types}, **STAGES[case][1] if stage == 3 else {})
     metrics = run(ARGS + ["--data_dir", str(learnable_data_dir), "--deepspeed_config", str(config), "--dtype",
                           "bfloat16"], tmp_path / "out", ranks=2)
     ref_metrics, ref_weights = single_process("sinkgd", learnable_data_dir)

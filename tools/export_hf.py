@@ -36,7 +36,9 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         return state["model"], state["config"]["model"]
     tag_dir = path / (path / "latest").read_text().strip() if (path / "latest").exists() else path
     bf16_ranks = sorted(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=lambda f: int(f.name.split("_")[4]))
-    if bf16_ranks:  # ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer): each group's fp32 partitions, in order
+    # ZeRO-1 with fp32 gradient accumulation (BF16_Optimizer): each group's fp32 partitions, in order. ZeRO-3 with bf16
+    # names its optimizer files the same, but keeps per-rank model states, and zero_to_fp32 below reads it.
+    if bf16_ranks and (tag_dir / "mp_rank_00_model_states.pt").exists():
         partitions = [zero.load_deepspeed_file(f)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
                       for f in bf16_ranks]
         states = zero.load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
