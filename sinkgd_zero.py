@@ -8,6 +8,7 @@ of the m- (then n-) length partial sums per half-iteration, for all the matrices
 every rank the exact scalings of Alg. 3. No gradient is gathered.
 """
 import itertools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,10 @@ class Partition:
     Their scaling vectors are stacked end to end (rows of matrix 0, rows of matrix 1, ...), so one collective covers
     them all; `blocks` are the pieces cut into rectangles: a partial first row, whole rows, a partial last row."""
 
-    def __init__(self, pieces: list[Piece], process_group, device, dtype=torch.float32):
-        self.process_group = process_group
+    def __init__(self, pieces: list[Piece], process_group, device, dtype=torch.float32, comm_device=None):
+        # The scaling vectors are all-reduced on comm_device (NCCL's is the GPU) while the matrix work stays where the
+        # partition is: the CPU under ZeRO-Offload.
+        self.process_group, self.comm_device = process_group, torch.device(comm_device or device)
         row_at = [0, *itertools.accumulate(p.shape[0] for p in pieces)]  # where each matrix's rows start
         col_at = [0, *itertools.accumulate(p.shape[1] for p in pieces)]
         self.num_rows, self.num_cols = row_at[-1], col_at[-1]
@@ -104,6 +107,9 @@ class ZeroSinkGD(SinkGD):
     def attach(self, wrapper) -> None:
         """wrapper: the engine deepspeed.initialize returned, DeepSpeed's optimizer, or any optimizer whose chain of
         `.optimizer` reaches this one (accelerate's, the Trainer's)."""
+        config = getattr(getattr(wrapper, "_config", None), "_param_dict", None)  # the engine's parsed config
+        if isinstance(config, dict):
+            check_config(config)
         outer, inner = None, wrapper
         while inner is not self:
             if not hasattr(inner, "optimizer"):
@@ -140,41 +146,55 @@ class ZeroSinkGD(SinkGD):
             return super()._sinkgd_update(group, found_inf)
         for flat in flats:
             part = self.partitions[id(flat)]
-            update = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"],
-                                         lambda t, op: dist.all_reduce(t, op=REDUCE_OPS[op], group=part.process_group))
+            update = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"], all_reduce_over(part))
             self._apply([flat], update[None], group, found_inf)
+
+
+def all_reduce_over(part: Partition):
+    """The all_reduce of sr_sinkhorn_sharded over part's ranks, on part's communication device."""
+    def all_reduce(t: Tensor, op: str) -> None:
+        on_comm = t.to(part.comm_device)  # the same tensor when t is there already
+        dist.all_reduce(on_comm, op=REDUCE_OPS[op], group=part.process_group)
+        if on_comm is not t:
+            t.copy_(on_comm)
+    return all_reduce
 
 
 def zero_partitions(zo, optimizer: SinkGD) -> dict[int, Partition]:
     """id(flat fp32 partition) -> Partition, for the partitions of sinkgd groups, from `zo`, the object that wraps
     `optimizer`: DeepSpeed 0.19.8's ZeRO optimizers are told apart by their attributes (anything else, e.g. the stage-0
-    engine: none). tests/test_deepspeed.py checks the result against one process at every stage."""
-    found = {}
+    engine: none). Matrices not as the group was built (transposed, or resized by tensor parallelism) raise
+    ValueError. tests/test_deepspeed.py checks the result against one process at every stage."""
+    from deepspeed.accelerator import get_accelerator  # attach() runs under DeepSpeed
+    comm_device, found = get_accelerator().current_device_name(), {}
 
-    def add(flat, group, shapes_offsets, lo):
-        """A partition holding elements [lo, lo + flat.numel()) of a buffer where the matrices lie at offsets."""
-        pieces = []
-        for shape, offset in shapes_offsets:
-            start, end = max(lo, offset), min(lo + flat.numel(), offset + shape.numel())
-            held = max(end - start, 0)
-            pieces.append(Piece(tuple(shape), start - offset if held else 0, start - lo if held else 0, held))
-        found[id(flat)] = Partition(pieces, group, flat.device)
+    def add(flat, g, group, pieces):
+        if optimizer.param_groups[g]["transposed"]:
+            raise ValueError(f"ZeroSinkGD: param group {g} holds (in, out) matrices (transposed=True), which "
+                             "sinkgd_zero does not read: train it at ZeRO stage 0")
+        resized = {p.shape for p in pieces} - {tuple(s[-2:]) for s in optimizer.matrix_shapes[g]}
+        if resized:
+            raise ValueError(f"ZeroSinkGD: DeepSpeed holds param group {g}'s matrices as {sorted(resized)[:3]}, not "
+                             "as the group was built: sharded by tensor parallelism (tensor_parallel.autotp_size > 1?)"
+                             "; SR-Sinkhorn needs whole matrices, so shard with ZeRO alone")
+        found[id(flat)] = Partition(pieces, group, flat.device, comm_device=comm_device)
 
     if hasattr(zo, "fp32_groups_flat_partition"):  # BF16_Optimizer: ZeRO-1, bf16 weights, fp32 gradient accumulation
         # Each group's params are flattened end to end in order; rank r holds [r * size, (r + 1) * size).
         for g, flat in enumerate(zo.fp32_groups_flat_partition):
             if optimizer.param_groups[g]["sinkgd"]:
-                offsets = itertools.accumulate((p.numel() for p in zo.bf16_groups[g]), initial=0)
-                group = zo.real_dp_process_group[g]
-                add(flat, group, zip((p.shape for p in zo.bf16_groups[g]), offsets),
-                    dist.get_rank(group=group) * flat.numel())
+                group, shapes = zo.real_dp_process_group[g], [p.shape for p in zo.bf16_groups[g]]
+                lo = dist.get_rank(group=group) * flat.numel()
+                add(flat, g, group, matrix_pieces(zip(shapes, itertools.accumulate(
+                    (s.numel() for s in shapes), initial=0)), lo, lo + flat.numel(), 0))
     elif hasattr(zo, "single_partition_of_fp32_groups"):  # ZeRO-1/2
         # The same, in round-robin order, at the offsets DeepSpeed keeps.
         for g, flat in enumerate(zo.single_partition_of_fp32_groups):
             if optimizer.param_groups[g]["sinkgd"]:
                 group = zo.real_dp_process_group[g]
-                add(flat, group, zip((m.shape for m in zo.round_robin_bit16_meta[g]), zo.round_robin_bit16_offsets[g]),
-                    dist.get_rank(group=group) * int(zo.partition_size[g]))
+                lo = dist.get_rank(group=group) * int(zo.partition_size[g])
+                add(flat, g, group, matrix_pieces(zip((m.shape for m in zo.round_robin_bit16_meta[g]),
+                                                      zo.round_robin_bit16_offsets[g]), lo, lo + flat.numel(), 0))
     elif hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO-3
         # Every param is split evenly over the ranks (rank r holds [r * k, (r + 1) * k) of it) and a sub-group's flat
         # partition is the concatenation of its params' pieces, k elements each.
@@ -183,13 +203,50 @@ def zero_partitions(zo, optimizer: SinkGD) -> dict[int, Partition]:
                 group, offset, pieces = zo.sub_group_process_groups[g], 0, []
                 for p in params:
                     per_rank = p.partition_numel()
-                    start = dist.get_rank(group=group) * per_rank
-                    held = max(0, min(per_rank, p.ds_numel - start))
-                    pieces.append(Piece(tuple(p.ds_shape), start if held else 0, offset, held))
+                    lo = dist.get_rank(group=group) * per_rank
+                    pieces += matrix_pieces([(p.ds_shape, 0)], lo, lo + per_rank, offset)
                     offset += per_rank
-                flat = zo.fp32_partitioned_groups_flat[g]
-                found[id(flat)] = Partition(pieces, group, flat.device)
+                add(zo.fp32_partitioned_groups_flat[g], zo.sub_group_to_group_id[g], group, pieces)
     return found
+
+
+def matrix_pieces(shapes_offsets, lo: int, hi: int, at: int) -> list[Piece]:
+    """The pieces of the matrices that lie at `offsets` of a buffer (a 3-D expert stack: one matrix per expert) held
+    by a partition of elements [lo, hi) of that buffer, element k of the buffer at at + k - lo of the partition."""
+    pieces = []
+    for shape, offset in shapes_offsets:
+        m, n = shape[-2:]
+        for first in range(offset, offset + shape.numel(), m * n):
+            start, end = max(lo, first), min(hi, first + m * n)
+            held = max(end - start, 0)
+            pieces.append(Piece((m, n), start - first if held else 0, at + start - lo if held else 0, held))
+    return pieces
+
+
+# DeepSpeed options under which the fp32 partitions are not where, or not what, zero_partitions reads: swapped to
+# NVMe, split between devices, stepped by DeepSpeed's own optimizers, or matrices sharded by tensor parallelism.
+UNSUPPORTED_OPTIONS = [  # (option, its default, whether a value is unsupported)
+    ("zero_optimization.offload_optimizer.device", None, lambda device: device == "nvme"),
+    ("zero_optimization.offload_optimizer.ratio", 1.0, lambda ratio: ratio < 1),
+    ("zero_optimization.offload_optimizer.super_offload", False, bool),
+    ("zero_optimization.zenflow", None, lambda zenflow: zenflow is not None),
+    ("tensor_parallel.autotp_size", 1, lambda size: size > 1),
+]
+
+
+def option(config: dict, path: str, default=None):
+    """config["a"]["b"] for path "a.b", or default where a level is missing."""
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return default if config is None else config
+
+
+def check_config(config: dict) -> None:
+    """Raise ValueError naming the first option of `config` (a DeepSpeed config dict) that ZeroSinkGD cannot follow."""
+    for path, default, unsupported in UNSUPPORTED_OPTIONS:
+        if unsupported(value := option(config, path, default)):
+            raise ValueError(f"ZeroSinkGD does not support DeepSpeed's {path} = {json.dumps(value)}: the partitions "
+                             "are then not laid out as sinkgd_zero reads them; remove it (README: DeepSpeed options)")
 
 
 def trainer_callback():
@@ -206,5 +263,7 @@ def trainer_callback():
                                      "optimizer_cls_and_kwargs=(ZeroSinkGD, {'params': groups}) to the Trainer (under "
                                      "DeepSpeed it ignores optimizers=)")
                 inner = inner.optimizer
+            if getattr(args, "hf_deepspeed_config", None) is not None:
+                check_config(args.hf_deepspeed_config.config)
             inner.attach(optimizer)
     return AttachZeroSinkGD()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from sinkgd_zero import ZeroSinkGD
+from sinkgd_zero import ZeroSinkGD, check_config
 
 
 class ConfigFileError(ValueError):
@@ -28,6 +28,10 @@ def read_config(path: str) -> dict:
         raise ConfigFileError(f"--deepspeed_config {path} is not valid JSON ({e}); fix it or {fix}") from None
     if not isinstance(config, dict):
         raise ConfigFileError(f"--deepspeed_config {path} holds a JSON {type(config).__name__}, not an object; {fix}")
+    try:
+        check_config(config)
+    except ValueError as e:  # before DeepSpeed starts, which on some of these would stop with a traceback
+        raise ConfigFileError(f"--deepspeed_config {path}: {e}") from None
     return config
 
 
@@ -61,6 +65,9 @@ def initialize(config: dict, model, optimizer, scheduler, *, batch_size: int, mi
         "gradient_clipping": grad_clip,  # explicit: DeepSpeed 0.19.8 clips at 1.0 when the key is absent
         "bf16": config.get("bf16", {}) | {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
+        # With offload_optimizer DeepSpeed wants its own CPU Adam; SinkGD's matrices have no state to offload, and its
+        # AdamW groups run torch's AdamW where the partition is (the CPU).
+        "zero_force_ds_cpu_optimizer": False,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     if isinstance(optimizer, ZeroSinkGD):

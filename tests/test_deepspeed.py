@@ -6,16 +6,20 @@ import json
 import os
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("deepspeed")
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 import checkpoint  # noqa: E402
+import train  # noqa: E402
 from common import REPO, env_without_hub_client, launcher, read_metrics  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
+from sinkgd_zero import ZeroSinkGD  # noqa: E402
 from tools import export_hf  # noqa: E402
 
 # 8 sequences per step: 2 ranks x micro-batch 2 x accumulation 2 (single process: 2 x 4).
@@ -101,12 +105,16 @@ def single_process(data_dir, tmp_path_factory):
 
 
 # zero options None: ds_config.json as shipped (ZeRO-2 with overlap_comm and contiguous_gradients), what users run
+# ZeRO-Offload as a user would write it: the fp32 partitions, and so SinkGD's matrix work, on the CPU.
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 STAGES = {"stage0": (0, {}), "stage1": (1, {}), "stage2-as-shipped": (2, None),
           "stage2-round-robin": (2, {"round_robin_gradients": True}),
-          "stage3-subgroups": (3, {"sub_group_size": 2_000_000})}
-# the round-robin flat order only moves SinkGD's matrix fragments around; AdamW's math ignores it
+          "stage3-subgroups": (3, {"sub_group_size": 2_000_000}),
+          "stage2-offload": (2, OFFLOAD),
+          "stage3-offload-subgroups": (3, OFFLOAD | {"offload_param": {"device": "cpu"}, "sub_group_size": 2_000_000})}
+# The round-robin order and offloading only move SinkGD's matrix fragments around; AdamW's math ignores them.
 CASES = [(name, optimizer) for name in STAGES for optimizer in ("sinkgd", "adamw")
-         if (name, optimizer) != ("stage2-round-robin", "adamw")]
+         if optimizer == "sinkgd" or not name.startswith(("stage2-round-robin", "stage2-offload", "stage3-offload"))]
 
 
 @pytest.mark.parametrize("case,optimizer", CASES, ids=[f"{case}-{optimizer}" for case, optimizer in CASES])
@@ -117,6 +125,47 @@ def test_zero_equals_single_process(case, optimizer, data_dir, single_process, t
                   tmp_path / "out", ranks=2)
     weights = deepspeed_weights(tmp_path / "out", stage, "step_00000003")
     assert_same_training(metrics, weights, *single_process(optimizer), tol=1e-5)
+
+
+def test_hierarchical_partitions_equal_single_process(data_dir, single_process, tmp_path):
+    """ZeRO++'s hpZ (zero_hpz_partition_size) keeps a second copy of the weights partitioned within groups of 2 ranks;
+    the optimizer's partitions, which ZeroSinkGD reads, stay spread over all 4."""
+    config = ds_config(tmp_path, 3, zero_hpz_partition_size=2, sub_group_size=2_000_000)
+    metrics = run(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config)], tmp_path / "out", ranks=4)
+    weights = deepspeed_weights(tmp_path / "out", 3, "step_00000003")
+    assert_same_training(metrics, weights, *single_process("sinkgd"), tol=1e-5)
+
+
+# Options whose partitions ZeroSinkGD does not read (or that DeepSpeed steps itself), as a user would write them.
+UNSUPPORTED = {
+    "zero_optimization.offload_optimizer.device": {"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "nvme", "nvme_path": "/local_nvme"}}},
+    "zero_optimization.offload_optimizer.ratio": {"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "cpu", "ratio": 0.3}}},
+    "zero_optimization.offload_optimizer.super_offload": {"zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "cpu", "super_offload": True}}},
+    "zero_optimization.zenflow": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                                        "zenflow": {"topk_ratio": 0.1, "update_interval": 4}}},
+    "tensor_parallel.autotp_size": {"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2}},
+}
+
+
+@pytest.mark.parametrize("option", UNSUPPORTED)
+def test_unsupported_options_are_refused_in_one_line(option, data_dir, tmp_path, capsys):
+    """Refused before DeepSpeed starts (on this machine it would stop at several of them with its own traceback), and
+    by attach() for training code that built the engine itself."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(UNSUPPORTED[option]))
+    with pytest.raises(SystemExit) as stop:
+        train.main(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--out_dir",
+                           str(tmp_path / "out")])
+    message = stop.value.code
+    expected = f"error: --deepspeed_config {config}: ZeroSinkGD does not support DeepSpeed's {option} = "
+    assert message.startswith(expected), message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+    engine = SimpleNamespace(_config=SimpleNamespace(_param_dict=UNSUPPORTED[option]))
+    with pytest.raises(ValueError, match=f"does not support DeepSpeed's {option} = "):
+        ZeroSinkGD([nn.Parameter(torch.ones(2, 2))]).attach(engine)
 
 
 def test_without_a_launcher_deepspeed_runs_as_one_rank(data_dir, single_process, tmp_path):

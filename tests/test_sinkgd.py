@@ -15,7 +15,7 @@ from model import CONFIGS
 
 from sinkgd import SinkGD, sinkgd_param_groups, sr_sinkhorn
 from tools.bench_optimizer import multinorm, normalize_columns, normalize_rows, swan, whiten
-from sinkgd_zero import Partition, Piece, sr_sinkhorn_sharded
+from sinkgd_zero import Partition, Piece, ZeroSinkGD, all_reduce_over, sr_sinkhorn_sharded, zero_partitions
 
 
 def reference(g, num_iters):
@@ -675,6 +675,50 @@ def test_sharded_step_is_launch_light_and_never_waits(num_ranks):
         assert not any(ops[op] for op in WAITS_ON_HOST), ops
         assert sum(ops.values()) <= 60 * len(mats), ops
     assert collectives == [2 * 5 + 1] * num_ranks  # row maxima, then a row and a column round per iteration
+
+
+def test_sharded_collectives_run_on_the_communication_device(monkeypatch):
+    """Under ZeRO-Offload the partition is on the CPU while NCCL takes GPU tensors: each tensor handed to a collective
+    is on the partition's communication device, and the matrix work stays with the partition. Simulated with fake
+    tensors, where "meta" stands for the GPU and any op that mixes devices raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    handed = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op, group: handed.append(t.device))
+    shapes, offsets = [(7, 5), (3, 11)], [0, 35]
+    with FakeTensorMode():
+        grad = torch.randn(35 + 33)
+        part = Partition([Piece(s, 0, o, s[0] * s[1]) for s, o in zip(shapes, offsets)], None, "cpu",
+                         comm_device="meta")
+        update = sr_sinkhorn_sharded(grad, part, 5, all_reduce_over(part))
+    assert update.device == torch.device("cpu")
+    assert handed == [torch.device("meta")] * (1 + 2 * 5)
+
+
+def test_zero_partitions_read_expert_stacks_and_refuse_resized_matrices(monkeypatch):
+    """A fake ZeRO-1/2 optimizer whose rank holds the first 70 of the 84 elements of [a (4, 6) matrix, a (3, 5, 4)
+    expert stack]: the stack is 3 (5, 4) matrices in the partition, the collectives go where DeepSpeed's accelerator
+    is, and matrices held in other shapes than the group was built with (tensor parallelism) are refused."""
+    import deepspeed.accelerator
+    from types import SimpleNamespace
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: SimpleNamespace(
+        current_device_name=lambda: "meta"))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    weights = [nn.Parameter(torch.zeros(4, 6)), nn.Parameter(torch.zeros(3, 5, 4))]
+    optimizer = ZeroSinkGD([dict(params=weights)], lr=0.1)
+    flat = torch.zeros(70)
+
+    def zero_optimizer(shapes):
+        return SimpleNamespace(single_partition_of_fp32_groups=[flat], real_dp_process_group=[None],
+                               partition_size=[70], round_robin_bit16_offsets=[[0, 24]],
+                               round_robin_bit16_meta=[[torch.empty(s, device="meta") for s in shapes]])
+    part = zero_partitions(zero_optimizer([(4, 6), (3, 5, 4)]), optimizer)[id(flat)]
+    assert part.comm_device == torch.device("meta") and flat.device == torch.device("cpu")
+    assert (part.num_rows, part.num_cols) == (4 + 3 * 5, 6 + 3 * 4)
+    # (first stacked row, first stacked column, rows, columns, offset): the third expert's first row and a half
+    assert part.blocks == [(0, 0, 4, 6, 0), (4, 6, 5, 4, 24), (9, 10, 5, 4, 44), (14, 14, 1, 4, 64),
+                           (15, 14, 1, 2, 68)]
+    with pytest.raises(ValueError, match=r"holds param group 0's matrices as \[\(4, 3\)\], not as the group was built"):
+        zero_partitions(zero_optimizer([(4, 3), (3, 5, 4)]), optimizer)
 
 
 # --- the paper's split on transformers' LlamaForCausalLM: what a user of another training loop builds -------------
