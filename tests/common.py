@@ -1,7 +1,6 @@
 """Helpers shared by the tests that launch and compare training runs."""
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -11,14 +10,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launcher(ranks: int | None) -> list[str]:
-    """The command prefix for one process, or for `ranks` DeepSpeed ranks under torchrun on a free port."""
+    """The command prefix for one process, or for `ranks` ranks under torchrun. --standalone: the launcher binds its
+    rendezvous store to a free port itself and the ranks join that store, so two runs at once cannot collide (a port
+    picked here and handed over could be taken in between)."""
     if not ranks:
         return [sys.executable]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            f"--master_port={port}", "--master_addr=127.0.0.1"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
 
 
 # What a stock CUDA image may lack or hold at another major version, and training must not need.

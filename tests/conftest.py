@@ -1,7 +1,22 @@
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
 import prepare_c4
+
+
+def pytest_configure(config):
+    """The compile tests' inductor cache is the suite's own, made afresh (the processes the tests start inherit it):
+    a stale cache in /tmp from another run can neither hide nor cause a failure."""
+    config.inductor_cache = tempfile.mkdtemp(prefix="sinkgd-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.inductor_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def test_estimates_come_from_the_longest_recorded_row_of_the_kind():
 ])
 def test_bad_arguments_exit_with_one_line(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "-m", "tools.bench_gpu", str(tmp_path), "--smoke", *argv], cwd=REPO,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message)
 
 

@@ -330,7 +330,8 @@ def hub_client(request):
         return {}
     site = str(request.getfixturevalue("hub_1x_site"))
     version = subprocess.run([sys.executable, "-c", "import huggingface_hub; print(huggingface_hub.__version__)"],
-                             env=os.environ | {"PYTHONPATH": site}, capture_output=True, text=True, check=True)
+                             env=os.environ | {"PYTHONPATH": site}, capture_output=True, text=True, check=True,
+                             timeout=120)
     assert version.stdout.strip() == "1.33.0"
     return {"PYTHONPATH": site}
 

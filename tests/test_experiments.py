@@ -254,7 +254,7 @@ def test_gpu_benchmark_says_it_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the tool would measure it")
     proc = subprocess.run([sys.executable, "-m", "tools.bench_gpu", str(tmp_path / "gpu")], cwd=REPO,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: tools.bench_gpu measures a CUDA GPU and this machine has none; run it where torch.cuda.is_available() "
         "is True"]

@@ -2,6 +2,7 @@
 checkpoints and resume, command-line errors. A 2-layer, 32-wide LLaMA keeps every run to seconds."""
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -243,6 +244,9 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
     train.train(compiled)
     graphs, inductor_graphs = compiled_graphs(counters)
     assert graphs >= 1 and inductor_graphs >= 1, dict(counters)
+    # inductor wrote its cache into the suite's own folder (conftest.py), not into one shared with other runs
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert cache.name.startswith("sinkgd-tests-inductor-") and any(cache.rglob("*.py")), cache
     for (step, loss, val), (step_c, loss_c, val_c) in zip(deterministic_losses(eager.out_dir),
                                                           deterministic_losses(compiled.out_dir), strict=True):
         assert step == step_c and loss_c == pytest.approx(loss, rel=1e-4)

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -94,12 +93,6 @@ def random_token_shards(data_dir: Path, train_tokens: int) -> None:
                                                                               dtype=np.uint16))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def training_command(mode: Mode, row: Row, data_dir: str, run_dir: Path) -> list[str]:
     lr = "0.02" if row.optimizer == "sinkgd" else "0.001"
     args = ["--preset", row.size, "--data_dir", data_dir, "--out_dir", str(run_dir), "--device", mode.device,
@@ -108,15 +101,9 @@ def training_command(mode: Mode, row: Row, data_dir: str, run_dir: Path) -> list
             "--optimizer", row.optimizer, "--lr", lr, "--log_interval", str(mode.log_interval),
             "--eval_interval", str(mode.steps), "--eval_tokens", str(8 * (mode.seq_len + 1)),
             "--keep_checkpoints", "1", "--compile", str(row.kind == "compile")]
-    if row.kind != "zero2":
-        return [sys.executable, str(ROOT / "train.py"), *args]
-    args += ["--deepspeed_config", str(ROOT / "ds_config.json")]
-    if mode.device == "cuda":
-        launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port())]
-    else:  # the deepspeed launcher wants a GPU; torchrun starts the same one rank, over gloo
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-                    "--master_port", str(free_port())]
-    return [sys.executable, *launcher, str(ROOT / "train.py"), *args]
+    if row.kind == "zero2":  # no launcher: train.py runs DeepSpeed as one rank, its store on a port it binds itself
+        args += ["--deepspeed_config", str(ROOT / "ds_config.json")]
+    return [sys.executable, str(ROOT / "train.py"), *args]
 
 
 def step_command(mode: Mode, row: Row) -> list[str]:
