@@ -6,6 +6,7 @@ exactly, so a state_dict maps 1:1 onto an HF checkpoint. The model sizes are the
 memory-efficient LLaMA benchmark of GaLore (Zhao et al., 2024).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -181,3 +182,15 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> int:
     d, L = config.hidden_size, config.num_hidden_layers
     n_matmul = L * (4 * d * d + 3 * d * config.intermediate_size) + config.vocab_size * d
     return 6 * n_matmul + 12 * L * d * seq_len
+
+
+# Dense bf16 tensor-core peak per GPU, for MFU (H100/H200 without a suffix: SXM).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "GH200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12}
+
+
+def peak_bf16_flops(device_name: str) -> float:
+    """The longest key found as whole words in the name ("H200 NVL" is no H200 SXM, "L40" no L4); NaN if none."""
+    found = [k for k in PEAK_BF16_FLOPS if f" {k} " in f" {device_name.replace('-', ' ')} "]
+    return PEAK_BF16_FLOPS[max(found, key=len)] if found else math.nan

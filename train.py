@@ -29,7 +29,7 @@ from torch import nn
 import checkpoint
 import prepare_c4
 import zero
-from model import CONFIGS, Llama, flops_per_token
+from model import CONFIGS, Llama, flops_per_token, peak_bf16_flops
 from sinkgd import SinkGD, sinkgd_param_groups
 from sinkgd_zero import ZeroSinkGD
 
@@ -85,11 +85,9 @@ PRESETS = {
     "llama_350m": dict(model="llama_350m", max_steps=60_000, micro_batch_size=64),
     "llama_1b": dict(model="llama_1b", max_steps=100_000, micro_batch_size=32),
 }
-for _name in CONFIGS:  # tiny sizes and the benchmark sizes, each under its own out_dir
-    PRESETS.setdefault(_name, dict(model=_name))
-for _name, _preset in PRESETS.items():
-    _preset.setdefault("data_dir", "data/c4")
-    _preset.setdefault("out_dir", f"out/{_name}")
+PRESETS |= {name: dict(model=name) for name in CONFIGS if name not in PRESETS}  # the tiny and benchmark sizes
+PRESETS = {name: dict(preset, data_dir=preset.get("data_dir", "data/c4"), out_dir=preset.get("out_dir", f"out/{name}"))
+           for name, preset in PRESETS.items()}
 
 
 class ConfigError(ValueError):
@@ -229,25 +227,18 @@ class LocalEngine(nn.Module):
     def was_step_applied(self) -> bool:
         return self.applied
 
+    # A checkpoint as zero.save and zero.resume write and read DeepSpeed's: the loop's state plus the engine's.
+    def save(self, out_dir: Path, step: int, state: dict, keep: int) -> None:
+        checkpoint.save(out_dir, step, state | {"model": self.module.state_dict(), "scheduler":
+                        self.scheduler.state_dict(), "optimizer": self.optimizer.state_dict()}, keep)
 
-def save(engine, out_dir: Path, step: int, state: dict, keep: int) -> None:
-    if isinstance(engine, LocalEngine):
-        state |= {"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
-                  "scheduler": engine.scheduler.state_dict()}
-        checkpoint.save(out_dir, step, state, keep)
-    else:
-        zero.save(engine, out_dir, step, state, keep)
-
-
-def resume(engine, out_dir: Path) -> dict | None:
-    if not isinstance(engine, LocalEngine):
-        return zero.resume(engine, out_dir)
-    state = checkpoint.load_latest(out_dir)
-    if state is not None:
-        engine.module.load_state_dict(state["model"])
-        engine.optimizer.load_state_dict(state["optimizer"])
-        engine.scheduler.load_state_dict(state["scheduler"])
-    return state
+    def resume(self, out_dir: Path) -> dict | None:
+        state = checkpoint.load_latest(out_dir)
+        if state is not None:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        return state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,18 +270,6 @@ def evaluate(model, windows: np.ndarray, micro_batch_size: int, device, autocast
     model.train()
     loss_sum, count = all_ranks_sum(torch.stack([loss_sum, loss_sum.new_tensor(count)])).tolist()
     return loss_sum / count
-
-
-# Dense bf16 tensor-core peak per GPU, for MFU (H100/H200 without a suffix: SXM).
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
-                   "GH200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "B200": 2250e12,
-                   "L40S": 362e12, "L40": 181e12, "L4": 121e12}
-
-
-def peak_bf16_flops(device_name: str) -> float:
-    """The longest key found as whole words in the name ("H200 NVL" is no H200 SXM, "L40" no L4); NaN if none."""
-    found = [k for k in PEAK_BF16_FLOPS if f" {k} " in f" {device_name.replace('-', ' ')} "]
-    return PEAK_BF16_FLOPS[max(found, key=len)] if found else math.nan
 
 
 def memory_record(device: torch.device) -> dict:
@@ -361,6 +340,7 @@ def train(cfg: TrainConfig) -> dict:
                                  compile=cfg.compile)
     else:
         engine = LocalEngine(model, optimizer, scheduler, accumulation, cfg.grad_clip, cfg.compile)
+    save, resume = (zero.save, zero.resume) if cfg.deepspeed_config else (LocalEngine.save, LocalEngine.resume)
     resumed = resume(engine, out_dir) if cfg.resume else None
     step, nonfinite_steps = 0, []  # the steps skipped for a non-finite loss or gradient
     if resumed is not None:
@@ -438,6 +418,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     if result and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"final validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
+    if dist.is_initialized():  # before exit: gloo's threads torn down by the interpreter can abort the process
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

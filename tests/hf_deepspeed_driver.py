@@ -97,3 +97,5 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:  # and whether SinkGD met ZeRO's partitions, not whole matrices (e.g. DDP)
         torch.save({"weights": weights,
                     "zero_partitions": len(optimizer.partitions)}, Path(out_dir) / "result.pt")
+    # without it gloo's threads, torn down with the interpreter, can abort a rank at exit (seen in CI)
+    torch.distributed.destroy_process_group()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import model
 import prepare_c4
-import train
 from common import env_without_hub_client
 from tools import bench_gpu
 
@@ -115,7 +115,7 @@ def test_bad_arguments_exit_with_one_line(tmp_path, argv, message):
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
     ("NVIDIA GeForce RTX 4090", math.nan), ("", math.nan)])
 def test_mfu_peak_matches_the_exact_gpu_name(name, peak):
-    assert train.peak_bf16_flops(name) == peak or math.isnan(peak) and math.isnan(train.peak_bf16_flops(name))
+    assert model.peak_bf16_flops(name) == peak or math.isnan(peak) and math.isnan(model.peak_bf16_flops(name))
 
 
 def test_loader_batch_is_one_contiguous_tensor_pinned_when_asked(monkeypatch):

@@ -306,6 +306,7 @@ def main():
         report(args, results)
     with COUNTER.paused():
         dist.barrier()
+        dist.destroy_process_group()  # gloo's threads torn down at exit can abort the process
 
 
 if __name__ == "__main__":
