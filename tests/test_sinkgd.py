@@ -4,6 +4,7 @@ import collections
 import copy
 import math
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -676,6 +677,96 @@ def test_sharded_step_is_launch_light_and_never_waits(num_ranks):
         assert not any(ops[op] for op in WAITS_ON_HOST), ops
         assert sum(ops.values()) <= 60 * len(mats), ops
     assert collectives == [2 * 5 + 1] * num_ranks  # row maxima, then a row and a column round per iteration
+
+
+# --- transient memory of a step: tensor storage made inside it, tracked with a dispatch mode -----------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage that operations made inside the mode and that are still held, and their peak. A
+    storage counts from the op that made it until the last tensor seen holding it (views included) is freed; storage
+    that existed before (weights, gradients, in-place results) never counts. Thread-local, like every dispatch mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.holders, self.nbytes, self.live, self.peak = collections.Counter(), {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key not in self.nbytes:
+                if key in given:  # an input's storage, made before the mode
+                    continue
+                self.nbytes[key] = t.untyped_storage().nbytes()
+                self.live += self.nbytes[key]
+                self.peak = max(self.peak, self.live)
+            self.holders[key] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key):
+        self.holders[key] -= 1
+        if not self.holders[key]:
+            self.live -= self.nbytes.pop(key)
+
+
+def transient_bytes(step) -> int:
+    with LiveBytes() as meter:
+        step()
+    assert meter.live == 0  # all freed by the end: the meter saw every holder
+    return meter.peak
+
+
+def test_transient_memory_is_bounded_by_stack_bytes_or_the_largest_matrix():
+    """The README's bound: a step's extra memory is at most stack_bytes (a stack's gradient copy and its float32 X),
+    or one float32 matrix when a matrix alone exceeds it (a lone matrix is not copied), plus O(k (m + n)) vectors."""
+    shapes = [(64, 128)] * 8 + [(128, 64)] * 2 + [(256, 96)]
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    with_grads(params)
+    vectors = 4 * 4 * sum(m + n for m, n in shapes)  # four float32 (m + n)-vectors per matrix: u, v, row maxima
+    four = 4 * 64 * 128 * (4 + 4)  # four (64, 128) matrices: gradient copy and X
+
+    peak = transient_bytes(SinkGD(params, stack_bytes=four).step)
+    assert four * 3 // 4 < peak <= four + vectors  # the budget is used, and held to
+    peak = transient_bytes(SinkGD(params, stack_bytes=0).step)  # one at a time: X of the largest, no copy
+    assert 256 * 96 * 4 <= peak <= 256 * 96 * 4 + vectors
+    # Negative control: a step that ignores its budget (all eight (64, 128) matrices at once) breaks the bound.
+    ignored = SinkGD(params, stack_bytes=four)
+    ignored.stack_bytes = 2**30
+    assert transient_bytes(ignored.step) > four + vectors
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_sharded_transient_memory_is_the_ranks_partition(num_ranks):
+    """Under ZeRO a rank's extra memory is its own partition of the matrices in float32 plus the stacked scaling
+    vectors (Sigma m + Sigma n each), never a whole matrix gathered."""
+    shapes = [(96, 64), (64, 96), (128, 128)]
+    flat = torch.cat([uneven(m, n, seed=k, dtype=torch.float32).reshape(-1) for k, (m, n) in enumerate(shapes)])
+    starts = [0] + np.cumsum([m * n for m, n in shapes]).tolist()
+    vectors = 8 * 4 * sum(m + n for m, n in shapes)
+
+    def peak_on(rank, num_ranks, all_reduce):
+        per_rank = -(-flat.numel() // num_ranks)
+        lo, hi = rank * per_rank, min((rank + 1) * per_rank, flat.numel())
+        pieces = [Piece(s, max(lo, a) - a, max(lo, a) - lo, max(0, min(hi, b) - max(lo, a)))
+                  for s, a, b in zip(shapes, starts, starts[1:])]
+        part = Partition(pieces, None, "cpu")
+
+        def in_place_all_reduce(t, op):  # as a real one is: the simulation's copies are not the step's memory
+            with torch.utils._python_dispatch._disable_current_modes():
+                all_reduce(t, op)
+        return hi - lo, transient_bytes(lambda: sr_sinkhorn_sharded(flat[lo:hi], part, 5, in_place_all_reduce))
+
+    for held, peak in run_ranks(num_ranks, lambda rank, all_reduce: peak_on(rank, num_ranks, all_reduce)):
+        assert 4 * held <= peak <= 4 * held + vectors
+    # Negative control: one rank holding all of every matrix (what gathering would cost) breaks a rank's bound.
+    whole, = run_ranks(1, lambda rank, all_reduce: peak_on(rank, 1, all_reduce))
+    assert whole[1] > 4 * -(-flat.numel() // num_ranks) + vectors
 
 
 def test_sharded_collectives_run_on_the_communication_device(monkeypatch):
