@@ -274,3 +274,24 @@ def test_bf16_update_tracks_the_fp32_run(case, learnable_data_dir, single_proces
     # and the master weights are fp32 values, not bf16 ones widened
     master = torch.cat([weights[name].flatten() for name in ref_weights if "_proj." in name])
     assert (master != master.bfloat16().float()).float().mean() > 0.9
+
+
+def test_bench_comm_counts_the_bytes_of_the_formula(tmp_path):
+    """tools/bench_comm on 2 ranks: SinkGD's step all-reduces 4 * ((L + 1) * sum m + L * sum n) bytes at ZeRO 2
+    and 3 (the row maxima, then per iteration the row and column sums of every block matrix), nothing at stage 0,
+    and AdamW's step nothing at all. Sum m and sum n are counted here from the model config, at L = 2."""
+    proc = subprocess.run(launcher(2) + ["-m", "tools.bench_comm", "--stages", "0", "2", "3", "--steps", "1",
+                                         "--sinkhorn_iters", "2"],
+                          cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = CONFIGS["llama_tiny"]
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    sum_m, sum_n = layers * (4 * d + 2 * f + d), layers * (4 * d + 2 * d + f)  # q k v o (d, d), gate up (f, d), down
+    in_step = {}  # (stage, optimizer) -> bytes all-reduced inside optimizer.step, from the printed table
+    for line in proc.stdout.splitlines():
+        cells = line.split()
+        if len(cells) == 10 and cells[0].isdigit():
+            in_step[int(cells[0]), cells[1]] = int(cells[4].replace(",", ""))
+    assert in_step == {(0, "adamw"): 0, (0, "sinkgd"): 0, (2, "adamw"): 0, (3, "adamw"): 0,
+                       (2, "sinkgd"): 4 * (3 * sum_m + 2 * sum_n), (3, "sinkgd"): 4 * (3 * sum_m + 2 * sum_n)}
