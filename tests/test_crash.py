@@ -251,16 +251,58 @@ def test_resume_after_kill_equals_the_uninterrupted_run(fault, data_dir, uninter
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed")
 
 
+class Killed(Exception):
+    pass
+
+
+def tags(out_dir):
+    return sorted(d.name for d in Path(out_dir).glob("step_*"))
+
+
+def test_deepspeed_prune_cut_short_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
+    """Rank 0 prunes old DeepSpeed tags after committing a new one. A prune killed half-way through deleting a tag
+    leaves it without its manifest, so no resume takes it for intact, and the next commit finishes the deletion."""
+    def write_tag(step):
+        tag_dir = tmp_path / f"step_{step:08d}"
+        tag_dir.mkdir()
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            (tag_dir / name).write_bytes(os.urandom(64))
+        return tag_dir
+
+    for step in (1, 2, 3):
+        checkpoint.commit_deepspeed(write_tag(step), keep=2)
+    assert tags(tmp_path) == ["step_00000002", "step_00000003"]
+
+    def killed_rmtree(path):  # deletes one data file, then the process dies
+        sorted(Path(path).glob("*.pt"))[-1].unlink()
+        raise Killed
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(Killed):
+        checkpoint.commit_deepspeed(write_tag(4), keep=2)
+    monkeypatch.undo()
+    cut_short = tmp_path / "step_00000002"
+    assert cut_short.is_dir() and not (cut_short / checkpoint.MANIFEST).exists()
+    assert checkpoint.newest_intact_deepspeed_tag(tmp_path) == "step_00000004"
+    shutil.rmtree(tmp_path / "step_00000004")
+    shutil.rmtree(tmp_path / "step_00000003")  # only the cut-short tag left: it is not resumable
+    assert checkpoint.newest_intact_deepspeed_tag(tmp_path) is None
+    checkpoint.commit_deepspeed(write_tag(3), keep=1)
+    assert tags(tmp_path) == ["step_00000003"]
+
+
 @needs_deepspeed
 def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path):
     from test_deepspeed import assert_same_training, deepspeed_weights, ds_config
     config = ds_config(tmp_path, 3, sub_group_size=2_000_000)
-    # 6 steps of 2 ranks x micro-batch 2 x 2 micro-batches, a checkpoint every 2; --adam_eps: see test_deepspeed.py
+    # 6 steps of 2 ranks x micro-batch 2 x 2 micro-batches, a checkpoint every 2, the newest 2 kept; --adam_eps: see
+    # test_deepspeed.py
     args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--micro_batch_size", "2",
-                   "--max_steps", "6", "--ckpt_interval", "2", "--eval_interval", "2", "--keep_checkpoints", "5",
+                   "--max_steps", "6", "--ckpt_interval", "2", "--eval_interval", "2", "--keep_checkpoints", "2",
                    "--adam_eps", "1e-5"]
     straight = launch(args, tmp_path / "straight", ranks=2)
     assert straight.returncode == 0, straight.stderr_text[-3000:]
+    assert tags(tmp_path / "straight") == ["step_00000004", "step_00000006"]  # step 2's pruned by step 6's commit
 
     # Rank 1 dies half-way through writing step 6's checkpoint, 3 s after rank 0 finished its part: time in
     # which DeepSpeed's own save_checkpoint would already have pointed `latest` at the torn step_00000006.
@@ -280,6 +322,7 @@ def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path)
     assert f"warning: skipping incomplete checkpoint {out_dir / 'step_00000006'}" in resumed.stderr_text
     assert f"warning: skipping corrupt checkpoint {damaged.parent}: {damaged.name} differ" in resumed.stderr_text
     assert (out_dir / "latest").read_text() == "step_00000006"
+    assert tags(out_dir) == ["step_00000004", "step_00000006"]  # both saved again; step 2's, resumed from, pruned
     assert_same_training(read_metrics(out_dir), deepspeed_weights(out_dir, 3, "step_00000006"),
                          read_metrics(tmp_path / "straight"),
                          deepspeed_weights(tmp_path / "straight", 3, "step_00000006"), tol=1e-6)
