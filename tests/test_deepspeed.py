@@ -3,6 +3,7 @@
 Each case launches real processes (torchrun), so this file takes a few minutes on 2 cores.
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ pytest.importorskip("deepspeed")
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 import checkpoint  # noqa: E402
+import prepare_c4  # noqa: E402
 import train  # noqa: E402
 from common import REPO, env_without_hub_client, launcher, read_metrics  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
@@ -125,6 +127,71 @@ def test_zero_equals_single_process(case, optimizer, data_dir, single_process, t
                   tmp_path / "out", ranks=2)
     weights = deepspeed_weights(tmp_path / "out", stage, "step_00000003")
     assert_same_training(metrics, weights, *single_process(optimizer), tol=1e-5)
+
+
+# The micro-batch sets the memory, not the result: 8 sequences per step as 8 x 1 or 1 x 8 on one process, and as
+# 4 x 1 or 1 x 4 per rank on 2 (the reference: 2 x 4 on one process; the ZeRO cases above: 2 x 2 per rank).
+MICRO_BATCHES = [(None, 1), (None, 8), (2, 1), (2, 4)]
+
+
+@pytest.mark.parametrize("ranks, micro_batch_size", MICRO_BATCHES, ids=[f"{r or 1}ranks-micro{m}"
+                                                                       for r, m in MICRO_BATCHES])
+def test_micro_batch_size_does_not_change_the_run(ranks, micro_batch_size, data_dir, single_process, tmp_path):
+    args = ARGS + ["--data_dir", str(data_dir), "--micro_batch_size", str(micro_batch_size)]
+    if ranks:
+        args += ["--deepspeed_config", str(SHIPPED_CONFIG)]
+    metrics = run(args, tmp_path / "out", ranks=ranks)
+    weights = (deepspeed_weights(tmp_path / "out", 2, "step_00000003") if ranks
+               else torch.load(tmp_path / "out" / "ckpt_00000003.pt", weights_only=True)["model"])
+    assert_same_training(metrics, weights, *single_process("sinkgd"), tol=1e-5)
+
+
+def clipped_reference(data_dir, grad_clip, exact_norm=False):
+    """train.py's 3 steps written plainly: each step's 8 sequences in one forward and backward, the gradient clipped
+    by torch.nn.utils.clip_grad_norm_ (grad_clip 0: not clipped), or with exact_norm by the norm taken in float64.
+    The weights, and each step's gradient norm."""
+    cfg = train.parse_config(ARGS + ["--data_dir", str(data_dir)])
+    torch.manual_seed(cfg.seed)
+    model = Llama(CONFIGS[cfg.model])
+    optimizer = train.build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(cfg, step))
+    loader = prepare_c4.TokenLoader(prepare_c4.open_splits(data_dir)[0], cfg.seq_len, cfg.seed)
+    norms = []
+    for _ in range(cfg.max_steps):
+        tokens = loader.next_batch(cfg.batch_size)
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        if exact_norm:
+            norm = torch.stack([p.grad.double().norm() for p in model.parameters()]).norm()
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+        norms.append(norm.item())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model.state_dict(), norms
+
+
+def test_grad_clip_clips_as_clip_grad_norm_on_one_process_and_under_zero(data_dir, single_process, tmp_path):
+    """--grad_clip 0.5 (the gradient norm is 1.6-2.0 at every step): train.py on one process equals the plain loop
+    with clip_grad_norm_, and DeepSpeed's gradient_clipping under ZeRO-2 on 2 ranks equals it with the exact norm.
+    The two differ by torch's float32 norm on the CPU, which is 1e-4 off for the 6.4M-entry embedding gradient
+    (DeepSpeed's, summed over partitions, is within 3e-8 of float64): 1.3e-5 in the weights, measured."""
+    unclipped, _ = clipped_reference(data_dir, 0.0)
+    ref_metrics, ref_weights = single_process("sinkgd")
+    assert_same_training(ref_metrics, unclipped, ref_metrics, ref_weights, tol=1e-5)  # the plain loop is train.py's
+    expected, norms = clipped_reference(data_dir, 0.5)
+    assert min(norms) > 0.5  # the clip acts at every step
+    args = ARGS + ["--data_dir", str(data_dir), "--grad_clip", "0.5"]
+    metrics = run(args, tmp_path / "one")
+    weights = torch.load(tmp_path / "one" / "ckpt_00000003.pt", weights_only=True)["model"]
+    assert_same_training(metrics, weights, metrics, expected, tol=1e-5)
+    with pytest.raises(AssertionError):  # and it matters: more than the tolerance away from the unclipped run
+        assert_same_training(metrics, weights, metrics, unclipped, tol=1e-4)
+    zero_metrics = run(args + ["--deepspeed_config", str(SHIPPED_CONFIG)], tmp_path / "zero", ranks=2)
+    zero_weights = deepspeed_weights(tmp_path / "zero", 2, "step_00000003")
+    assert_same_training(zero_metrics, zero_weights, zero_metrics, clipped_reference(data_dir, 0.5, True)[0], 1e-6)
+    assert_same_training(zero_metrics, zero_weights, metrics, weights, tol=3e-5)
 
 
 def test_hierarchical_partitions_equal_single_process(data_dir, single_process, tmp_path):
