@@ -258,3 +258,42 @@ def test_gpu_benchmark_says_it_needs_a_gpu(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: tools.bench_gpu measures a CUDA GPU and this machine has none; run it where torch.cuda.is_available() "
         "is True"]
+
+
+def test_runs_windows_and_speed_for_real(data_dir, tmp_path, monkeypatch):
+    """run_training, window_losses and interleaved_tokens_per_sec at the smallest size, nothing mocked: 2 steps of
+    llama_tiny through train.py; the per-window losses of its final weights average to train.py's own validation
+    loss (two code paths); the same config continues its run, a changed one starts afresh; tokens/s is the batch's
+    tokens (2 micro-batches) over the measured median seconds of a step."""
+    args, _ = experiments.parser().parse_known_args(
+        ["compare", "--model", "llama_tiny", "--data_dir", str(data_dir), "--max_steps", "2", "--batch_size", "2",
+         "--micro_batch_size", "2", "--seq_len", "16", "--eval_interval", "2", "--eval_tokens", "170"])
+    base = experiments.run_args(args, ["--device", "cpu", "--dtype", "float32"])
+    run_dir = tmp_path / "sinkgd"
+    metrics = experiments.run_training(run_dir, base + experiments.SINKGD_ARGS)
+    assert [m["step"] for m in metrics] == [1, 2] and "val_loss" in metrics[-1]
+    checkpoint = run_dir / "ckpt_00000002.pt"
+    written = checkpoint.stat().st_mtime_ns
+
+    losses = experiments.window_losses(run_dir, str(data_dir), 16, 170)
+    assert losses.shape == (10,)  # 170 tokens: 10 windows of 17
+    assert losses.mean() == pytest.approx(experiments.final_val_loss(metrics), rel=1e-6)
+
+    assert experiments.run_training(run_dir, base + experiments.SINKGD_ARGS) == metrics  # continued: already done
+    assert checkpoint.stat().st_mtime_ns == written
+    changed = experiments.run_training(run_dir, base + experiments.SINKGD_ARGS + ["--alpha", "0.1"])
+    assert [m["step"] for m in changed] == [1, 2] and changed[-1]["val_loss"] != metrics[-1]["val_loss"]
+    assert checkpoint.stat().st_mtime_ns != written  # started afresh
+
+    measured = {}
+
+    def spy(runs, repeats, device):
+        measured.update(interleaved_medians(runs, repeats, device))
+        return measured
+    interleaved_medians = experiments.interleaved_medians
+    monkeypatch.setattr(experiments, "interleaved_medians", spy)
+    two_micro_batches = base + ["--batch_size", "4"]
+    speed = experiments.interleaved_tokens_per_sec({"adamw": two_micro_batches + ["--optimizer", "adamw"],
+                                                    "sinkgd": two_micro_batches + experiments.SINKGD_ARGS}, steps=2)
+    assert speed.keys() == {"adamw", "sinkgd"} and all(s > 0 for s in measured.values())
+    assert speed == {name: 4 * 16 / seconds for name, seconds in measured.items()}
