@@ -329,15 +329,16 @@ def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path)
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage, optimizer", [(0, "adamw"), (0, "sinkgd"), (1, "sinkgd"), (2, "sinkgd"), (3, "sinkgd")])
-def test_deepspeed_skips_a_nonfinite_gradient(stage, optimizer, data_dir, tmp_path):
-    """At stage 0 in fp32 DeepSpeed hands the gradient straight to our optimizer, which skips the step; at ZeRO 1-3
-    DeepSpeed's ZeRO optimizer skips it. Either way: no weight, state or schedule change, on every rank."""
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_skips_a_nonfinite_gradient(stage, data_dir, tmp_path):
+    """At stage 0 in fp32 DeepSpeed hands the gradient straight to our optimizer, which skips the step (for its SinkGD
+    and AdamW groups alike); at ZeRO 1-3 DeepSpeed's ZeRO optimizer skips it (ZeRO-1's is ZeRO-2's code). Either way:
+    no weight, state or schedule change, on every rank."""
     from test_deepspeed import ds_config
     from tools.export_hf import load_weights
     args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(ds_config(tmp_path, stage)),
                    "--micro_batch_size", "2", "--max_steps", "4", "--ckpt_interval", "1", "--keep_checkpoints", "5",
-                   "--optimizer", optimizer, "--lr", "1e-3", "--max_bad_steps", "1"]
+                   "--lr", "1e-3", "--max_bad_steps", "1"]
     proc = launch(args, tmp_path / "out", ranks=2, faults={"NAN_GRAD_STEPS": "2"})
     assert proc.returncode == 0, proc.stderr_text[-3000:]
     metrics = read_metrics(tmp_path / "out")
