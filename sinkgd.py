@@ -162,13 +162,31 @@ class SinkGD(torch.optim.Optimizer):
               eps=group["eps"], maximize=False)
 
 
+# The number of experts in transformers' configs (DBRX's in its ffn_config): a Linear with that many outputs routes.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_counts(config) -> set[int]:
+    """The expert counts a model's config (or any of its sub-configs) states; none without a config."""
+    found, pending = set(), [config]
+    while pending:
+        config = pending.pop()
+        for key, value in (config if isinstance(config, dict) else getattr(config, "__dict__", {})).items():
+            if key in EXPERT_COUNT_KEYS and isinstance(value, int):
+                found.add(value)
+            elif isinstance(value, dict) or hasattr(value, "to_dict"):
+                pending.append(value)
+    return found
+
+
 def sinkgd_param_groups(model: nn.Module, blocks: nn.Module, lr: float, alpha: float = 0.05,
                         weight_decay: float = 0.0) -> list[dict]:
     """The paper's split: SinkGD, at lr alpha * lr, on every linear-map weight inside `blocks` (the transformer
     layers): nn.Linear (out, in), transformers' Conv1D (GPT-2; stored (in, out)), and 3-D MoE expert tensors
-    (experts, out, in), or (experts, in, out) where their module sets is_transposed (transformers 5). AdamW, at lr, on
-    all else: token embedding, norms, biases, output head, and routers (in transformers 5 a bare (experts, hidden)
-    weight). By module role, not by dim() == 2: the embedding and head are matrices too."""
+    (experts, out, in), or (experts, in, out) where their module sets is_transposed (transformers 5), but not routers
+    and gates: a matrix with one row or one column (SR-Sinkhorn of it is sign(G)), or one with as many outputs as
+    the model's config has experts. AdamW, at lr, on all else: token embedding, norms, biases, output head, routers.
+    By module role, not by dim() == 2: the embedding and head are matrices too."""
     matrices = []  # (weight, stored (..., in, out))
     for module in blocks.modules():
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
@@ -176,7 +194,12 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module, lr: float, alpha: f
         elif not isinstance(module, nn.modules.conv._ConvNd):
             matrices += [(p, getattr(module, "is_transposed", False)) for p in module.parameters(recurse=False)
                          if p.dim() == 3]
-    matrices = [(p, t) for p, t in matrices if p.requires_grad]
+    experts = expert_counts(getattr(model, "config", None))
+
+    def routes(weight, transposed):  # a router or a gate, whatever its class
+        outputs = weight.shape[-1] if transposed else weight.shape[-2]
+        return min(weight.shape[-2:]) == 1 or weight.dim() == 2 and outputs in experts
+    matrices = [(p, t) for p, t in matrices if p.requires_grad and not routes(p, t)]
     if not matrices:
         raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "
                          f"{type(blocks).__name__}; pass the module that holds the transformer layers")

@@ -930,6 +930,55 @@ def test_split_of_a_transformers_moe_puts_each_expert_in_sinkgd_and_the_router_i
     assert losses[-1] < losses[0] - 0.5
 
 
+TINY_MOE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+# family -> (model, its blocks, the routers and gates, named as in the model's parameters)
+ROUTED = {
+    "llama4": (lambda t: t.Llama4ForCausalLM(t.Llama4TextConfig(**TINY_MOE, intermediate_size_mlp=64, head_dim=8,
+                                                                 num_local_experts=4, num_experts_per_tok=1)),
+               lambda m: m.model.layers, "feed_forward.router.weight"),  # Llama4Router subclasses nn.Linear
+    "phimoe": (lambda t: t.PhimoeForCausalLM(t.PhimoeConfig(**TINY_MOE, num_local_experts=4, num_experts_per_tok=2)),
+               lambda m: m.model.layers, "mlp.router.weight"),  # so does PhimoeTopKRouter
+    "qwen2_moe": (lambda t: t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(**TINY_MOE, num_experts=4, num_experts_per_tok=2,
+                                                                   moe_intermediate_size=24,
+                                                                   shared_expert_intermediate_size=48)),
+                  lambda m: m.model.layers, "mlp.shared_expert_gate.weight"),  # nn.Linear(hidden, 1), a sigmoid gate
+    "dbrx": (lambda t: t.DbrxForCausalLM(t.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=128, rope_parameters={"rope_theta": 1e4},
+        attn_config={"kv_n_heads": 2, "rope_theta": 1e4}, ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4})),
+        lambda m: m.transformer.blocks, "ffn.router.layer.weight"),  # an nn.Linear inside the router; 4 experts
+    "jetmoe": (lambda t: t.JetMoeForCausalLM(t.JetMoeConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=48,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)),
+        lambda m: m.model.layers, "router.layer.weight"),  # in the MLP and in the attention experts
+}
+
+
+@pytest.mark.parametrize("family", ROUTED)
+def test_routers_and_gates_go_to_adamw_whatever_their_class(family):
+    """A router is an nn.Linear (or a subclass) with one output per expert of the model's config; a gate one with a
+    single output (SR-Sinkhorn of a 1 x n matrix is sign(G)). Both AdamW; every other block Linear stays SinkGD."""
+    transformers = pytest.importorskip("transformers")
+    build, blocks, router = ROUTED[family]
+    torch.manual_seed(0)
+    model = build(transformers)
+    sink, adam = names_by_group(model, SinkGD(sinkgd_param_groups(model, blocks(model), lr=0.02)))
+    routers = [n for n, _ in model.named_parameters() if n.endswith(router)]
+    assert len(routers) >= 2 and set(routers) <= set(adam) and not set(routers) & set(sink)
+    linear = [f"{n}.weight" for n, m in blocks(model).named_modules() if isinstance(m, nn.Linear)]
+    prefix = next(n for n, m in model.named_modules() if m is blocks(model)) + "."
+    assert {prefix + n for n in linear} - set(routers) <= set(sink)
+
+
+def test_gates_without_a_config_go_to_adamw():
+    """Without a config (no experts known) only the one-row or one-column rule applies: a Linear with 4 outputs in a
+    model of our own is a matrix like any other."""
+    block = nn.ModuleDict(dict(gate=nn.Linear(8, 1), up=nn.Linear(8, 4), column=nn.Linear(1, 8)))
+    model = nn.Sequential(nn.Embedding(10, 8), block)
+    groups = sinkgd_param_groups(model, block, lr=1.0)
+    assert [id(p) for g in groups if g["sinkgd"] for p in g["params"]] == [id(block["up"].weight)]
+
+
 def test_transposed_expert_tensors_follow_their_module():
     class Experts(nn.Module):  # transformers 5's convention: is_transposed means (experts, in, out)
         def __init__(self, is_transposed):
