@@ -1,6 +1,8 @@
 """SinkGD: Sinkhorn Gradient Descent, from Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless
 and Scalable LLM Training" (arXiv 2502.06742): `sr_sinkhorn` is Alg. 3, `SinkGD` Alg. 4 (torch's fused AdamW where the
 paper has AdamW), `sinkgd_param_groups` the paper's split. sinkgd_zero.py: Alg. 3 on DeepSpeed ZeRO's partitions."""
+import fnmatch
+import warnings
 from collections import defaultdict
 
 import torch
@@ -179,34 +181,80 @@ def expert_counts(config) -> set[int]:
     return found
 
 
-def sinkgd_param_groups(model: nn.Module, blocks: nn.Module, lr: float, alpha: float = 0.05,
-                        weight_decay: float = 0.0) -> list[dict]:
-    """The paper's split: SinkGD, at lr alpha * lr, on every linear-map weight inside `blocks` (the transformer
-    layers): nn.Linear (out, in), transformers' Conv1D (GPT-2; stored (in, out)), and 3-D MoE expert tensors
-    (experts, out, in), or (experts, in, out) where their module sets is_transposed (transformers 5), but not routers
-    and gates: a matrix with one row or one column (SR-Sinkhorn of it is sign(G)), or one with as many outputs as
-    the model's config has experts. AdamW, at lr, on all else: token embedding, norms, biases, output head, routers.
-    By module role, not by dim() == 2: the embedding and head are matrices too."""
-    matrices = []  # (weight, stored (..., in, out))
-    for module in blocks.modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
-            matrices.append((module.weight, not isinstance(module, nn.Linear)))
-        elif not isinstance(module, nn.modules.conv._ConvNd):
-            matrices += [(p, getattr(module, "is_transposed", False)) for p in module.parameters(recurse=False)
-                         if p.dim() == 3]
-    experts = expert_counts(getattr(model, "config", None))
+# What `layouts` may declare for a parameter: how its gradient is laid out (stacked experts or one matrix, stored
+# (out, in) or (in, out)), or that AdamW takes it.
+LAYOUTS = {"out_in": (2, False), "in_out": (2, True), "experts_out_in": (3, False), "experts_in_out": (3, True),
+           "adamw": (None, None)}
 
-    def routes(weight, transposed):  # a router or a gate, whatever its class
+
+def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], lr: float, alpha: float = 0.05,
+                        weight_decay: float = 0.0, layouts: dict[str, str] | None = None) -> list[dict]:
+    """The paper's split. SinkGD, at lr alpha * lr, takes every linear-map weight inside `blocks` (the transformer
+    layers; a list for several stacks, e.g. an encoder's and a decoder's) except routers and gates: nn.Linear (out,
+    in), transformers' Conv1D (GPT-2; (in, out)), and 3-D expert stacks whose module says how they are stored
+    (transformers 5's is_transposed: (experts, in, out), else (experts, out, in)); a router or gate is a matrix with
+    one row or one column (SR-Sinkhorn of it is sign(G)) or with as many outputs as the model's config has experts.
+    AdamW, at lr, takes all else (embedding, norms, biases, head, routers) and the 3-D tensors in `blocks` of
+    unknown layout, which a warning names. By module role, not by dim() == 2: the embedding and head are matrices.
+
+    layouts: {parameter name or fnmatch pattern: one of LAYOUTS}, for what the rule cannot know; e.g. Llama4's
+    experts, applied as x @ W: {"*.experts.*_proj": "experts_in_out"}. It overrides the rule, anywhere in `model`."""
+    by_id = {id(p): (name, p) for name, p in model.named_parameters()}
+    blocks = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    if not {id(p) for block in blocks for p in block.parameters()} <= by_id.keys():
+        raise ValueError("sinkgd_param_groups: `blocks` must be submodules of `model`")
+    ends = [getattr(model, f"get_{end}_embeddings", lambda: None)() for end in ("input", "output")]
+    if any(id(end) in inside for end in ends if end is not None):
+        raise ValueError("sinkgd_param_groups: `blocks` holds the model's embedding or output head, which AdamW takes; "
+                         "pass the module(s) holding the transformer layers, e.g. model.model.layers")
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied head is one too
+    experts = expert_counts(getattr(model, "config", None))
+    found, unknown = {}, []  # id -> (weight, stored (..., in, out)); 3-D tensors of unknown layout
+    for module in (m for block in blocks for m in block.modules()):
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
+            found[id(module.weight)] = module.weight, not isinstance(module, nn.Linear)
+        elif not isinstance(module, nn.modules.conv._ConvNd):
+            for p in (p for p in module.parameters(recurse=False) if p.dim() == 3):
+                found[id(p)] = p, getattr(module, "is_transposed", None)
+    for key, (weight, transposed) in list(found.items()):
         outputs = weight.shape[-1] if transposed else weight.shape[-2]
-        return min(weight.shape[-2:]) == 1 or weight.dim() == 2 and outputs in experts
-    matrices = [(p, t) for p, t in matrices if p.requires_grad and not routes(p, t)]
+        if key in embeddings or min(weight.shape[-2:]) == 1 or weight.dim() == 2 and outputs in experts:
+            del found[key]  # an embedding, or a router or gate
+        elif transposed is None:
+            unknown.append(found.pop(key)[0])
+    declared = declared_layouts(model, layouts or {})
+    for key, layout in declared.items():
+        found.pop(key, None)
+        if layout != "adamw":
+            found[key] = by_id[key][1], LAYOUTS[layout][1]
+    if unknown := [by_id[id(p)][0] for p in unknown if id(p) not in declared]:
+        warnings.warn(f"sinkgd_param_groups: AdamW for {', '.join(unknown)}: 3-D, but not known as (experts, out, "
+                      "in) or (experts, in, out); say which with layouts={name: 'experts_out_in' or 'experts_in_out'}")
+    matrices = [(p, t) for p, t in found.values() if p.requires_grad]
     if not matrices:
         raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "
-                         f"{type(blocks).__name__}; pass the module that holds the transformer layers")
+                         f"{', '.join(type(b).__name__ for b in blocks)}; pass the module that holds the transformer "
+                         "layers")
     chosen = {id(p) for p, _ in matrices}
-    if not chosen <= {id(p) for p in model.parameters()}:
-        raise ValueError("sinkgd_param_groups: `blocks` must be a submodule of `model`")
     sinkgd = [dict(params=[p for p, t in matrices if t == layout], sinkgd=True, transposed=layout, lr=alpha * lr,
                    weight_decay=weight_decay) for layout in (False, True)]
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     return [g for g in sinkgd if g["params"]] + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
+
+
+def declared_layouts(model: nn.Module, layouts: dict[str, str]) -> dict[int, str]:
+    """id(parameter) -> layout, for each parameter of `model` whose name matches a key of `layouts`; every key must
+    match one, and its layout fit the parameter's dimensions."""
+    declared = {}
+    for pattern, layout in layouts.items():
+        if layout not in LAYOUTS:
+            raise ValueError(f"sinkgd_param_groups: layouts[{pattern!r}] = {layout!r}; choose one of {list(LAYOUTS)}")
+        matched = [(name, p) for name, p in model.named_parameters() if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"sinkgd_param_groups: layouts names {pattern!r}, which matches no parameter of the model")
+        for name, p in matched:
+            if LAYOUTS[layout][0] not in (None, p.dim()):
+                raise ValueError(f"sinkgd_param_groups: layouts makes {name} {layout}, but it is {p.dim()}-D")
+            declared[id(p)] = layout
+    return declared
