@@ -243,6 +243,24 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
     return [g for g in sinkgd if g["params"]] + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
 
 
+def describe_split(model: nn.Module, groups: list[dict]) -> str:
+    """One line: how many tensors and parameters each optimizer gets, by kind: SinkGD's matrices and expert stacks,
+    AdamW's routers and gates (as the split finds them) and the rest."""
+    experts = expert_counts(getattr(model, "config", None))
+    kinds = {"SinkGD": {"matrices": [], "expert stacks": []}, "AdamW": {"routers and gates": [], "other tensors": []}}
+    for group in groups:
+        for p in group["params"]:
+            if group.get("sinkgd", True):
+                kinds["SinkGD"]["matrices" if p.dim() == 2 else "expert stacks"].append(p)
+            elif p.dim() == 2 and (min(p.shape) == 1 or p.shape[0] in experts):
+                kinds["AdamW"]["routers and gates"].append(p)
+            else:
+                kinds["AdamW"]["other tensors"].append(p)
+    counts = {optimizer: [f"{len(ps)} {kind} ({sum(p.numel() for p in ps) / 1e6:.2f}M params)"
+                          for kind, ps in by_kind.items() if ps] for optimizer, by_kind in kinds.items()}
+    return " | ".join(f"{optimizer} {', '.join(parts)}" for optimizer, parts in counts.items() if parts)
+
+
 def declared_layouts(model: nn.Module, layouts: dict[str, str]) -> dict[int, str]:
     """id(parameter) -> layout, for each parameter of `model` whose name matches a key of `layouts`; every key must
     match one, and its layout fit the parameter's dimensions."""

@@ -30,7 +30,7 @@ import checkpoint
 import prepare_c4
 import zero
 from model import CONFIGS, Llama, flops_per_token, peak_bf16_flops
-from sinkgd import SinkGD, sinkgd_param_groups
+from sinkgd import SinkGD, describe_split, sinkgd_param_groups
 from sinkgd_zero import ZeroSinkGD
 
 
@@ -332,6 +332,7 @@ def train(cfg: TrainConfig) -> dict:
     model = Llama(CONFIGS[cfg.model]).to(device)
     num_params = model.num_params()  # counted before ZeRO-3 partitions the weights away
     optimizer = build_optimizer(cfg, model, ZeroSinkGD if cfg.deepspeed_config else SinkGD)
+    split = describe_split(model, optimizer.param_groups)  # before ZeRO swaps the groups' tensors for partitions
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
     if cfg.deepspeed_config:
@@ -359,6 +360,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"{cfg.model}: {num_params / 1e6:.1f}M params | {cfg.optimizer} | {tokens_per_step} "
               f"tokens/step ({cfg.micro_batch_size} x {accumulation} x {world_size} x {cfg.seq_len}) | {device}"
               f"{' bf16' if bf16 else ''}{' | deepspeed' if cfg.deepspeed_config else ''}")
+        print(f"split: {split}")
 
     result, tokens_since = {}, 0
     t_start = t_last = time.perf_counter()

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import CONFIGS
 
-from sinkgd import SinkGD, sinkgd_param_groups, sr_sinkhorn
+from sinkgd import SinkGD, describe_split, sinkgd_param_groups, sr_sinkhorn
 from tools.bench_optimizer import multinorm, normalize_columns, normalize_rows, swan, whiten
 from sinkgd_zero import Partition, Piece, ZeroSinkGD, all_reduce_over, sr_sinkhorn_sharded, zero_partitions
 
@@ -971,6 +971,25 @@ def test_routers_and_gates_go_to_adamw_whatever_their_class(family):
     linear = [f"{n}.weight" for n, m in blocks(model).named_modules() if isinstance(m, nn.Linear)]
     prefix = next(n for n, m in model.named_modules() if m is blocks(model)) + "."
     assert {prefix + n for n in linear} - set(routers) <= set(sink)
+
+
+def test_the_split_is_described_by_kind():
+    """Qwen2-MoE: attention and shared-expert linears, expert stacks, and per layer a bare router and a sigmoid
+    gate; counted here by name."""
+    transformers = pytest.importorskip("transformers")
+    build, blocks, _ = ROUTED["qwen2_moe"]
+    model = build(transformers)
+    named = dict(model.named_parameters())
+    kinds = {"matrices": [n for n in named if n.endswith(("_proj.weight",)) and ".experts." not in n],
+             "expert stacks": [n for n in named if ".experts." in n],
+             "routers and gates": [n for n in named if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]}
+    kinds["other tensors"] = [n for n in named if not any(n in names for names in kinds.values())]
+    size = {kind: f"{len(names)} {kind} ({sum(named[n].numel() for n in names) / 1e6:.2f}M params)"
+            for kind, names in kinds.items()}
+    assert len(kinds["expert stacks"]) == 4 and len(kinds["routers and gates"]) == 4
+    assert describe_split(model, sinkgd_param_groups(model, blocks(model), lr=0.02)) == (
+        f"SinkGD {size['matrices']}, {size['expert stacks']} | AdamW {size['routers and gates']}, "
+        f"{size['other tensors']}")
 
 
 # family -> (its expert stacks, the layout its forward uses): neither module sets transformers' is_transposed

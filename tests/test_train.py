@@ -301,6 +301,11 @@ def test_main_runs_from_command_line_options(data_dir, tmp_path, capsys):
                 "--max_steps=4", "--eval_tokens=34", "--log_interval=2", "--device=cpu"])
     out = capsys.readouterr().out
     assert "final validation loss" in out
+    d, f, layers = TEST_CONFIG.hidden_size, TEST_CONFIG.intermediate_size, TEST_CONFIG.num_hidden_layers
+    in_blocks, total = layers * (4 * d * d + 3 * f * d), sum(p.numel() for p in Llama(TEST_CONFIG).parameters())
+    # the split at start: q k v o gate up down per layer; AdamW the embedding, 2 norms per layer, the last, the head
+    assert (f"split: SinkGD {7 * layers} matrices ({in_blocks / 1e6:.2f}M params) | AdamW {2 * layers + 3} other "
+            f"tensors ({(total - in_blocks) / 1e6:.2f}M params)") in out
     metrics = read_metrics(out_dir)
     assert [r["step"] for r in metrics] == [2, 4]
     assert [p.name for p in checkpoint.checkpoint_paths(out_dir)] == ["ckpt_00000004.pt"]
