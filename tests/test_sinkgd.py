@@ -947,7 +947,8 @@ ROUTED = {
                   lambda m: m.model.layers, "mlp.shared_expert_gate.weight"),  # nn.Linear(hidden, 1), a sigmoid gate
     "dbrx": (lambda t: t.DbrxForCausalLM(t.DbrxConfig(
         d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=128, rope_parameters={"rope_theta": 1e4},
-        attn_config={"kv_n_heads": 2, "rope_theta": 1e4}, ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4})),
+        attn_config={"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4})),
         lambda m: m.transformer.blocks, "ffn.router.layer.weight"),  # an nn.Linear inside the router; 4 experts
     "jetmoe": (lambda t: t.JetMoeForCausalLM(t.JetMoeConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=48,
@@ -1054,6 +1055,79 @@ def test_encoder_decoder_blocks_as_a_list_and_never_the_embedding_in_sinkgd():
     assert sink == linear and "shared.weight" not in sink
     with pytest.raises(ValueError, match="holds the model's embedding or output head"):
         sinkgd_param_groups(model, model, lr=0.02)
+
+
+ROUTED_EXPERTS = [("*.experts.gate_up_proj", "experts_out_in"), ("*.experts.down_proj", "experts_out_in"),
+                  ("*.self_attn.*_proj.weight", "out_in")]
+# family -> (model, blocks, layouts, [(parameter name pattern, how it is applied in the forward)], first match wins):
+# every parameter's group follows, and each SinkGD tensor's first update is Alg. 3 of its gradient in that layout.
+FAMILIES = {
+    "llama": (lambda t: t.LlamaForCausalLM(t.LlamaConfig(**TINY_MOE)), lambda m: m.model.layers, None,
+              [("*.self_attn.*_proj.weight", "out_in"), ("*.mlp.*_proj.weight", "out_in")]),
+    "gpt2": (lambda t: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+             lambda m: m.transformer.h, None, [("*.c_attn.weight", "in_out"), ("*.c_proj.weight", "in_out"),
+                                                ("*.c_fc.weight", "in_out")]),  # Conv1D: x W + b
+    "bert": (lambda t: t.BertForMaskedLM(t.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=48)),
+             lambda m: m.bert.encoder.layer, None, [("*LayerNorm*", "adamw"), ("bert.encoder.*.weight", "out_in")]),
+    "mixtral": (lambda t: t.MixtralForCausalLM(t.MixtralConfig(**TINY_MOE, num_local_experts=4)),
+                lambda m: m.model.layers, None, ROUTED_EXPERTS),
+    "qwen3_moe": (lambda t: t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(**TINY_MOE, num_experts=4, num_experts_per_tok=2,
+                                                                   moe_intermediate_size=24)),
+                  lambda m: m.model.layers, None, ROUTED_EXPERTS),
+    "granitemoe": (lambda t: t.GraniteMoeForCausalLM(t.GraniteMoeConfig(**TINY_MOE, num_local_experts=4)),
+                   lambda m: m.model.layers, None, ROUTED_EXPERTS),
+    "gpt_oss": (lambda t: t.GptOssForCausalLM(t.GptOssConfig(**TINY_MOE, num_local_experts=4, head_dim=8)),
+                lambda m: m.model.layers, None,  # experts applied as x @ W, said by is_transposed
+                [("*.experts.*_proj", "experts_in_out"), ("*.self_attn.*_proj.weight", "out_in")]),
+    "phimoe": ROUTED["phimoe"][:2] + (None, ROUTED_EXPERTS),
+    "qwen2_moe": ROUTED["qwen2_moe"][:2] + (None, ROUTED_EXPERTS + [("*.shared_expert.*_proj.weight", "out_in")]),
+    "llama4": ROUTED["llama4"][:2] + ({"*.feed_forward.experts.*_proj": "experts_in_out"},
+                                      [("*.feed_forward.experts.*_proj", "experts_in_out"),
+                                       ("*.shared_expert.*_proj.weight", "out_in"),
+                                       ("*.self_attn.*_proj.weight", "out_in")]),
+    "jetmoe": ROUTED["jetmoe"][:2] + ({"*put_linear.weight": "experts_out_in"},
+                                      [("*put_linear.weight", "experts_out_in"), ("*.kv_proj.weight", "out_in")]),
+    # DBRX's experts are flattened (experts x ffn, hidden) 2-D tensors outside any nn.Linear: AdamW
+    "dbrx": ROUTED["dbrx"][:2] + (None, [("*.attn.Wqkv.weight", "out_in"), ("*.attn.out_proj.weight", "out_in")]),
+    "t5": (lambda t: t.T5ForConditionalGeneration(t.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64,
+                                                              num_layers=2, num_heads=4, decoder_start_token_id=0)),
+           lambda m: [m.encoder.block, m.decoder.block], None,
+           [("*Attention.[qkvo].weight", "out_in"), ("*.DenseReluDense.w[io].weight", "out_in")]),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_parameter_of_each_family_and_its_first_update(family):
+    """Every parameter in the group its role calls for, and every SinkGD tensor's first update, matrix by matrix
+    (expert by expert), Alg. 3 at L = 1 of its gradient in the orientation the forward applies it, against the
+    float64 reference: W <- W - alpha lr X with lr 1."""
+    transformers = pytest.importorskip("transformers")
+    build, blocks, layouts, spec = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build(transformers)
+    kinds = {n: next((kind for pattern, kind in spec if fnmatch.fnmatchcase(n, pattern)), "adamw")
+             for n, _ in model.named_parameters()}
+    groups = sinkgd_param_groups(model, blocks(model), lr=1.0, layouts=layouts)
+    layout_of = {id(p): "in_out" if g["transposed"] else "out_in" for g in groups if g["sinkgd"] for p in g["params"]}
+    found = {n: (("experts_" if p.dim() == 3 else "") + layout_of[id(p)]) if id(p) in layout_of else "adamw"
+             for n, p in model.named_parameters()}
+    assert found == kinds
+    assert sum(len(g["params"]) for g in groups) == len(kinds)  # each parameter in one group
+    before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    batch = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    model(input_ids=batch, labels=batch).loss.backward()
+    SinkGD(groups, sinkhorn_iters=1).step()
+    for name, p in model.named_parameters():
+        if kinds[name] == "adamw":
+            continue
+        as_paper = (lambda t: t.T) if kinds[name].endswith("in_out") else (lambda t: t)
+        updates, grads = (before[name] - p.detach().double()) / 0.05, p.grad.double()
+        for update, grad in zip(*((updates, grads) if p.dim() == 3 else ([updates], [grads]))):
+            if not grad.any():  # an expert no token was routed to
+                assert not update.any()
+                continue
+            assert rel_err(update, as_paper(reference(as_paper(grad), 1))) < 1e-4, name
 
 
 def test_gates_without_a_config_go_to_adamw():
