@@ -53,7 +53,8 @@ STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 class SinkGD(torch.optim.Optimizer):
     """Alg. 4. A group with sinkgd=True holds matrices (or stacks of them, e.g. MoE experts) and keeps no state:
         W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
-    transposed=True for weights stored (..., in, out), so that rows are output features as in the paper. A group with
+    transposed=True for weights stored (..., in, out), so that rows are output features as in the paper; experts=E
+    for 2-D stacks of E matrices flattened along the rows (DBRX's experts). A group with
     sinkgd=False is stepped by torch's fused AdamW (the embedding, norms and head in the paper).
 
     Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (a number of bytes, or a dict
@@ -134,7 +135,11 @@ class SinkGD(torch.optim.Optimizer):
             return
         workspace = torch.empty(max(len(s) * s[0].numel() for s in stacks), dtype=work_dtype(stacks[0][0].grad),
                                 device=stacks[0][0].device)  # X of each stack in turn
-        as_paper = (lambda t: t.mT) if group["transposed"] else (lambda t: t)  # (..., out features, in features)
+        experts = group.get("experts")  # a 2-D stack of this many experts, flattened along its rows (e.g. DBRX)
+
+        def as_paper(t):  # (..., out features, in features), each expert its own matrix
+            t = t.view(experts, -1, t.shape[-1]) if experts else t
+            return t.mT if group["transposed"] else t
         for stack in stacks:
             grads = [as_paper(p.grad) for p in stack]
             G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n); a lone one: no copy
@@ -223,7 +228,7 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
             del found[key]  # an embedding, or a router or gate
         elif transposed is None:
             unknown.append(found.pop(key)[0])
-    declared = declared_layouts(model, layouts or {})
+    declared, flattened = declared_layouts(model, layouts or {}, experts)  # flattened: id -> number of experts
     for key, layout in declared.items():
         found.pop(key, None)
         if layout != "adamw":
@@ -236,11 +241,15 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
         raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "
                          f"{', '.join(type(b).__name__ for b in blocks)}; pass the module that holds the transformer "
                          "layers")
+    by_layout = defaultdict(list)  # (stored (..., in, out), experts a 2-D stack is flattened from, or 0) -> weights
+    for p, transposed in matrices:
+        by_layout[transposed, flattened.get(id(p), 0)].append(p)
+    groups = [dict(params=params, sinkgd=True, transposed=transposed, lr=alpha * lr, weight_decay=weight_decay)
+              | (dict(experts=experts) if experts else {})
+              for (transposed, experts), params in sorted(by_layout.items())]
     chosen = {id(p) for p, _ in matrices}
-    sinkgd = [dict(params=[p for p, t in matrices if t == layout], sinkgd=True, transposed=layout, lr=alpha * lr,
-                   weight_decay=weight_decay) for layout in (False, True)]
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return [g for g in sinkgd if g["params"]] + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
+    return groups + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
 
 
 def describe_split(model: nn.Module, groups: list[dict]) -> str:
@@ -251,7 +260,7 @@ def describe_split(model: nn.Module, groups: list[dict]) -> str:
     for group in groups:
         for p in group["params"]:
             if group.get("sinkgd", True):
-                kinds["SinkGD"]["matrices" if p.dim() == 2 else "expert stacks"].append(p)
+                kinds["SinkGD"]["matrices" if p.dim() == 2 and not group.get("experts") else "expert stacks"].append(p)
             elif p.dim() == 2 and (min(p.shape) == 1 or p.shape[0] in experts):
                 kinds["AdamW"]["routers and gates"].append(p)
             else:
@@ -261,10 +270,11 @@ def describe_split(model: nn.Module, groups: list[dict]) -> str:
     return " | ".join(f"{optimizer} {', '.join(parts)}" for optimizer, parts in counts.items() if parts)
 
 
-def declared_layouts(model: nn.Module, layouts: dict[str, str]) -> dict[int, str]:
-    """id(parameter) -> layout, for each parameter of `model` whose name matches a key of `layouts`; every key must
-    match one, and its layout fit the parameter's dimensions."""
-    declared = {}
+def declared_layouts(model: nn.Module, layouts: dict[str, str], experts: set[int]) -> tuple[dict, dict]:
+    """id(parameter) -> layout, for each parameter of `model` whose name matches a key of `layouts` (every key must
+    match one, and its layout fit the parameter's dimensions), and id -> number of experts for the 2-D parameters
+    declared expert stacks: flattened along the rows, by the one expert count of the config that divides them."""
+    declared, flattened = {}, {}
     for pattern, layout in layouts.items():
         if layout not in LAYOUTS:
             raise ValueError(f"sinkgd_param_groups: layouts[{pattern!r}] = {layout!r}; choose one of {list(LAYOUTS)}")
@@ -272,7 +282,12 @@ def declared_layouts(model: nn.Module, layouts: dict[str, str]) -> dict[int, str
         if not matched:
             raise ValueError(f"sinkgd_param_groups: layouts names {pattern!r}, which matches no parameter of the model")
         for name, p in matched:
-            if LAYOUTS[layout][0] not in (None, p.dim()):
-                raise ValueError(f"sinkgd_param_groups: layouts makes {name} {layout}, but it is {p.dim()}-D")
+            counts = [e for e in experts if p.dim() == 2 and layout.startswith("experts") and p.shape[0] % e == 0]
+            if len(counts) == 1:
+                flattened[id(p)] = counts[0]
+            elif LAYOUTS[layout][0] not in (None, p.dim()):
+                raise ValueError(f"sinkgd_param_groups: layouts makes {name} {layout}, but it is {p.dim()}-D" + (
+                    " and the model's config states no one number of experts that divides its rows"
+                    if p.dim() == 2 else ""))
             declared[id(p)] = layout
-    return declared
+    return declared, flattened

@@ -813,6 +813,9 @@ def test_zero_partitions_read_expert_stacks_and_refuse_resized_matrices(monkeypa
                            (15, 14, 1, 2, 68)]
     with pytest.raises(ValueError, match=r"holds param group 0's matrices as \[\(4, 3\)\], not as the group was built"):
         zero_partitions(zero_optimizer([(4, 3), (3, 5, 4)]), optimizer)
+    optimizer.param_groups[0]["experts"] = 2  # declared a flattened stack of 2 (2, 6) experts: not read under ZeRO
+    with pytest.raises(ValueError, match=r"param group 0 holds .* flattened expert stacks \(experts=E\)"):
+        zero_partitions(zero_optimizer([(4, 6), (3, 5, 4)]), optimizer)
 
 
 # --- the paper's split on transformers' LlamaForCausalLM: what a user of another training loop builds -------------
@@ -1057,6 +1060,7 @@ def test_encoder_decoder_blocks_as_a_list_and_never_the_embedding_in_sinkgd():
         sinkgd_param_groups(model, model, lr=0.02)
 
 
+DBRX_EXPERTS = {"*.experts.mlp.[wv]1": "experts_out_in", "*.experts.mlp.w2": "experts_in_out"}
 ROUTED_EXPERTS = [("*.experts.gate_up_proj", "experts_out_in"), ("*.experts.down_proj", "experts_out_in"),
                   ("*.self_attn.*_proj.weight", "out_in")]
 # family -> (model, blocks, layouts, [(parameter name pattern, how it is applied in the forward)], first match wins):
@@ -1088,8 +1092,11 @@ FAMILIES = {
                                        ("*.self_attn.*_proj.weight", "out_in")]),
     "jetmoe": ROUTED["jetmoe"][:2] + ({"*put_linear.weight": "experts_out_in"},
                                       [("*put_linear.weight", "experts_out_in"), ("*.kv_proj.weight", "out_in")]),
-    # DBRX's experts are flattened (experts x ffn, hidden) 2-D tensors outside any nn.Linear: AdamW
+    # DBRX's experts are 2-D, (experts x ffn, hidden), each expert's (ffn, hidden) applied as x @ W.T (w1, v1) or
+    # x @ W (w2): AdamW unless declared
     "dbrx": ROUTED["dbrx"][:2] + (None, [("*.attn.Wqkv.weight", "out_in"), ("*.attn.out_proj.weight", "out_in")]),
+    "dbrx-declared": ROUTED["dbrx"][:2] + (DBRX_EXPERTS, [*DBRX_EXPERTS.items(), ("*.attn.Wqkv.weight", "out_in"),
+                                                          ("*.attn.out_proj.weight", "out_in")]),
     "t5": (lambda t: t.T5ForConditionalGeneration(t.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64,
                                                               num_layers=2, num_heads=4, decoder_start_token_id=0)),
            lambda m: [m.encoder.block, m.decoder.block], None,
@@ -1109,9 +1116,11 @@ def test_every_parameter_of_each_family_and_its_first_update(family):
     kinds = {n: next((kind for pattern, kind in spec if fnmatch.fnmatchcase(n, pattern)), "adamw")
              for n, _ in model.named_parameters()}
     groups = sinkgd_param_groups(model, blocks(model), lr=1.0, layouts=layouts)
-    layout_of = {id(p): "in_out" if g["transposed"] else "out_in" for g in groups if g["sinkgd"] for p in g["params"]}
-    found = {n: (("experts_" if p.dim() == 3 else "") + layout_of[id(p)]) if id(p) in layout_of else "adamw"
-             for n, p in model.named_parameters()}
+    def layout(group, p):  # as the split made it
+        stack = "experts_" if p.dim() == 3 or group.get("experts") else ""
+        return stack + ("in_out" if group["transposed"] else "out_in")
+    layout_of = {id(p): layout(g, p) for g in groups if g["sinkgd"] for p in g["params"]}
+    found = {n: layout_of.get(id(p), "adamw") for n, p in model.named_parameters()}
     assert found == kinds
     assert sum(len(g["params"]) for g in groups) == len(kinds)  # each parameter in one group
     before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
@@ -1123,7 +1132,9 @@ def test_every_parameter_of_each_family_and_its_first_update(family):
             continue
         as_paper = (lambda t: t.T) if kinds[name].endswith("in_out") else (lambda t: t)
         updates, grads = (before[name] - p.detach().double()) / 0.05, p.grad.double()
-        for update, grad in zip(*((updates, grads) if p.dim() == 3 else ([updates], [grads]))):
+        if kinds[name].startswith("experts") and p.dim() == 2:  # flattened along the rows: 4 experts
+            updates, grads = updates.view(4, -1, p.shape[1]), grads.view(4, -1, p.shape[1])
+        for update, grad in zip(*((updates, grads) if updates.dim() == 3 else ([updates], [grads]))):
             if not grad.any():  # an expert no token was routed to
                 assert not update.any()
                 continue
