@@ -199,8 +199,9 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
     in), transformers' Conv1D (GPT-2; (in, out)), and 3-D expert stacks whose module says how they are stored
     (transformers 5's is_transposed: (experts, in, out), else (experts, out, in)); a router or gate is a matrix with
     one row or one column (SR-Sinkhorn of it is sign(G)) or with as many outputs as the model's config has experts.
-    AdamW, at lr, takes all else (embedding, norms, biases, head, routers) and the 3-D tensors in `blocks` of
-    unknown layout, which a warning names. By module role, not by dim() == 2: the embedding and head are matrices.
+    AdamW, at lr, takes all else (embedding, norms, biases, head, routers) and what in `blocks` may be an expert
+    stack of unknown layout (3-D, or 2-D outside nn.Linear with a multiple of the experts as rows), which a warning
+    names. By module role, not by dim() == 2: the embedding and head are matrices.
 
     layouts: {parameter name or fnmatch pattern: one of LAYOUTS}, for what the rule cannot know; e.g. Llama4's
     experts, applied as x @ W: {"*.experts.*_proj": "experts_in_out"}. It overrides the rule, anywhere in `model`."""
@@ -219,9 +220,12 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
     for module in (m for block in blocks for m in block.modules()):
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
             found[id(module.weight)] = module.weight, not isinstance(module, nn.Linear)
-        elif not isinstance(module, nn.modules.conv._ConvNd):
-            for p in (p for p in module.parameters(recurse=False) if p.dim() == 3):
-                found[id(p)] = p, getattr(module, "is_transposed", None)
+        elif not isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)):
+            for p in module.parameters(recurse=False):
+                if p.dim() == 3:
+                    found[id(p)] = p, getattr(module, "is_transposed", None)
+                elif p.dim() == 2 and any(len(p) > e and len(p) % e == 0 for e in experts):
+                    unknown.append(p)  # perhaps experts flattened along the rows (DBRX's)
     for key, (weight, transposed) in list(found.items()):
         outputs = weight.shape[-1] if transposed else weight.shape[-2]
         if key in embeddings or min(weight.shape[-2:]) == 1 or weight.dim() == 2 and outputs in experts:
@@ -234,8 +238,9 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
         if layout != "adamw":
             found[key] = by_id[key][1], LAYOUTS[layout][1]
     if unknown := [by_id[id(p)][0] for p in unknown if id(p) not in declared]:
-        warnings.warn(f"sinkgd_param_groups: AdamW for {', '.join(unknown)}: 3-D, but not known as (experts, out, "
-                      "in) or (experts, in, out); say which with layouts={name: 'experts_out_in' or 'experts_in_out'}")
+        warnings.warn(f"sinkgd_param_groups: AdamW for {', '.join(unknown)}: expert stacks of unknown layout (3-D, or "
+                      "2-D outside nn.Linear with a multiple of the experts as rows); say which with layouts={name: "
+                      "'experts_out_in' | 'experts_in_out' | 'adamw'}")
     matrices = [(p, t) for p, t in found.values() if p.requires_grad]
     if not matrices:
         raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "

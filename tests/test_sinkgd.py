@@ -6,6 +6,7 @@ import fnmatch
 import math
 import re
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -1032,6 +1033,22 @@ def test_expert_stacks_of_unknown_layout_go_to_adamw_with_a_warning_until_declar
         assert rel_err(update, as_other(reference(as_other(weight.grad[e].double()), 1))) > 0.01
 
 
+def test_flattened_expert_stacks_are_named_until_declared():
+    """DBRX's experts are 2-D, (experts x ffn, hidden), in a module of its own: AdamW and a warning naming them;
+    declared, no warning (each expert's first update: test_every_parameter_of_each_family_and_its_first_update)."""
+    transformers = pytest.importorskip("transformers")
+    build, blocks, _ = ROUTED["dbrx"]
+    model = build(transformers)
+    with pytest.warns(UserWarning) as caught:
+        sinkgd_param_groups(model, blocks(model), lr=0.02)
+    named = str(caught[0].message).split(": ")[1]
+    assert named == "AdamW for " + ", ".join(f"transformer.blocks.{i}.ffn.experts.mlp.{w}" for i in range(2)
+                                             for w in ("w1", "v1", "w2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sinkgd_param_groups(model, blocks(model), lr=0.02, layouts=DBRX_EXPERTS)
+
+
 def test_layouts_are_checked_and_can_send_anything_to_adamw():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
     groups = sinkgd_param_groups(model, model[1], lr=1.0, layouts={"1.1.weight": "adamw"})
@@ -1105,6 +1122,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.filterwarnings("ignore:sinkgd_param_groups. AdamW for")  # DBRX undeclared: tested above
 def test_every_parameter_of_each_family_and_its_first_update(family):
     """Every parameter in the group its role calls for, and every SinkGD tensor's first update, matrix by matrix
     (expert by expert), Alg. 3 at L = 1 of its gradient in the orientation the forward applies it, against the
