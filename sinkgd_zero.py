@@ -169,9 +169,12 @@ def zero_partitions(zo, optimizer: SinkGD) -> dict[int, Partition]:
     comm_device, found = get_accelerator().current_device_name(), {}
 
     def add(flat, g, group, pieces):
-        if optimizer.param_groups[g]["transposed"] or optimizer.param_groups[g].get("experts"):
-            raise ValueError(f"ZeroSinkGD: param group {g} holds (in, out) matrices (transposed=True) or flattened "
-                             "expert stacks (experts=E), which sinkgd_zero does not read: train it at ZeRO stage 0")
+        layout = ("(in, out) matrices (transposed=True)" if optimizer.param_groups[g]["transposed"] else
+                  "expert stacks flattened along the rows (experts=E)" if optimizer.param_groups[g].get("experts")
+                  else None)
+        if layout:
+            raise ValueError(f"ZeroSinkGD: param group {g} holds {layout}, which sinkgd_zero does not read: train it "
+                             "at ZeRO stage 0")
         resized = {p.shape for p in pieces} - {tuple(s[-2:]) for s in optimizer.matrix_shapes[g]}
         if resized:
             raise ValueError(f"ZeroSinkGD: DeepSpeed holds param group {g}'s matrices as {sorted(resized)[:3]}, not "
