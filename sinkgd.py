@@ -216,7 +216,7 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
                          "pass the module(s) holding the transformer layers, e.g. model.model.layers")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied head is one too
     experts = expert_counts(getattr(model, "config", None))
-    found, unknown = {}, []  # id -> (weight, stored (..., in, out)); 3-D tensors of unknown layout
+    found, unknown = {}, []  # id -> (weight, stored (..., in, out)); possible expert stacks of unknown layout
     for module in (m for block in blocks for m in block.modules()):
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
             found[id(module.weight)] = module.weight, not isinstance(module, nn.Linear)
@@ -250,8 +250,8 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
     for p, transposed in matrices:
         by_layout[transposed, flattened.get(id(p), 0)].append(p)
     groups = [dict(params=params, sinkgd=True, transposed=transposed, lr=alpha * lr, weight_decay=weight_decay)
-              | (dict(experts=experts) if experts else {})
-              for (transposed, experts), params in sorted(by_layout.items())]
+              | (dict(experts=stacked) if stacked else {})
+              for (transposed, stacked), params in sorted(by_layout.items())]
     chosen = {id(p) for p, _ in matrices}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     return groups + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]

@@ -229,8 +229,9 @@ class LocalEngine(nn.Module):
 
     # A checkpoint as zero.save and zero.resume write and read DeepSpeed's: the loop's state plus the engine's.
     def save(self, out_dir: Path, step: int, state: dict, keep: int) -> None:
-        checkpoint.save(out_dir, step, state | {"model": self.module.state_dict(), "scheduler":
-                        self.scheduler.state_dict(), "optimizer": self.optimizer.state_dict()}, keep)
+        engine_state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}
+        checkpoint.save(out_dir, step, state | engine_state, keep)
 
     def resume(self, out_dir: Path) -> dict | None:
         state = checkpoint.load_latest(out_dir)
