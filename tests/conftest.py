@@ -13,6 +13,9 @@ def pytest_configure(config):
     a stale cache in /tmp from another run can neither hide nor cause a failure."""
     config.inductor_cache = tempfile.mkdtemp(prefix="sinkgd-tests-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
+    # A process the tests start that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack into its stderr,
+    # which the failing test shows: a rank that once aborted at exit in CI left only "terminate called".
+    os.environ["PYTHONFAULTHANDLER"] = "1"
 
 
 def pytest_unconfigure(config):
