@@ -1,13 +1,14 @@
 """SinkGD: Sinkhorn Gradient Descent, from Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless
 and Scalable LLM Training" (arXiv 2502.06742): `sr_sinkhorn` is Alg. 3, `SinkGD` Alg. 4 (torch's fused AdamW where the
-paper has AdamW), `sinkgd_param_groups` the paper's split. sinkgd_zero.py: Alg. 3 on DeepSpeed ZeRO's partitions."""
-import fnmatch
-import warnings
+paper has AdamW); `sinkgd_param_groups`, the paper's split, is in sinkgd_split.py. sinkgd_zero.py: Alg. 3 on DeepSpeed
+ZeRO's partitions."""
 from collections import defaultdict
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.adamw import adamw
+
+from sinkgd_split import describe_split, sinkgd_param_groups  # noqa: F401  (the paper's split, sinkgd_split.py)
 
 
 def work_dtype(grad: Tensor) -> torch.dtype:
@@ -167,132 +168,3 @@ class SinkGD(torch.optim.Optimizer):
               [], [s["step"] for s in states], fused=True, found_inf=found_inf, amsgrad=False,
               beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
               eps=group["eps"], maximize=False)
-
-
-# The number of experts in transformers' configs (DBRX's in its ffn_config): a Linear with that many outputs routes.
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-def expert_counts(config) -> set[int]:
-    """The expert counts a model's config (or any of its sub-configs) states; none without a config."""
-    found, pending = set(), [config]
-    while pending:
-        config = pending.pop()
-        for key, value in (config if isinstance(config, dict) else getattr(config, "__dict__", {})).items():
-            if key in EXPERT_COUNT_KEYS and isinstance(value, int):
-                found.add(value)
-            elif isinstance(value, dict) or hasattr(value, "to_dict"):
-                pending.append(value)
-    return found
-
-
-# What `layouts` may declare for a parameter: how its gradient is laid out (stacked experts or one matrix, stored
-# (out, in) or (in, out)), or that AdamW takes it.
-LAYOUTS = {"out_in": (2, False), "in_out": (2, True), "experts_out_in": (3, False), "experts_in_out": (3, True),
-           "adamw": (None, None)}
-
-
-def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], lr: float, alpha: float = 0.05,
-                        weight_decay: float = 0.0, layouts: dict[str, str] | None = None) -> list[dict]:
-    """The paper's split. SinkGD, at lr alpha * lr, takes every linear-map weight inside `blocks` (the transformer
-    layers; a list for several stacks, e.g. an encoder's and a decoder's) except routers and gates: nn.Linear (out,
-    in), transformers' Conv1D (GPT-2; (in, out)), and 3-D expert stacks whose module says how they are stored
-    (transformers 5's is_transposed: (experts, in, out), else (experts, out, in)); a router or gate is a matrix with
-    one row or one column (SR-Sinkhorn of it is sign(G)) or with as many outputs as the model's config has experts.
-    AdamW, at lr, takes all else (embedding, norms, biases, head, routers) and what in `blocks` may be an expert
-    stack of unknown layout (3-D, or 2-D outside nn.Linear with a multiple of the experts as rows), which a warning
-    names. By module role, not by dim() == 2: the embedding and head are matrices.
-
-    layouts: {parameter name or fnmatch pattern: one of LAYOUTS}, for what the rule cannot know; e.g. Llama4's
-    experts, applied as x @ W: {"*.experts.*_proj": "experts_in_out"}. It overrides the rule, anywhere in `model`."""
-    by_id = {id(p): (name, p) for name, p in model.named_parameters()}
-    blocks = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
-    inside = {id(m) for block in blocks for m in block.modules()}
-    if not {id(p) for block in blocks for p in block.parameters()} <= by_id.keys():
-        raise ValueError("sinkgd_param_groups: `blocks` must be submodules of `model`")
-    ends = [getattr(model, f"get_{end}_embeddings", lambda: None)() for end in ("input", "output")]
-    if any(id(end) in inside for end in ends if end is not None):
-        raise ValueError("sinkgd_param_groups: `blocks` holds the model's embedding or output head, which AdamW takes; "
-                         "pass the module(s) holding the transformer layers, e.g. model.model.layers")
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied head is one too
-    experts = expert_counts(getattr(model, "config", None))
-    found, unknown = {}, []  # id -> (weight, stored (..., in, out)); possible expert stacks of unknown layout
-    for module in (m for block in blocks for m in block.modules()):
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
-            found[id(module.weight)] = module.weight, not isinstance(module, nn.Linear)
-        elif not isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)):
-            for p in module.parameters(recurse=False):
-                if p.dim() == 3:
-                    found[id(p)] = p, getattr(module, "is_transposed", None)
-                elif p.dim() == 2 and any(len(p) > e and len(p) % e == 0 for e in experts):
-                    unknown.append(p)  # perhaps experts flattened along the rows (DBRX's)
-    for key, (weight, transposed) in list(found.items()):
-        outputs = weight.shape[-1] if transposed else weight.shape[-2]
-        if key in embeddings or min(weight.shape[-2:]) == 1 or weight.dim() == 2 and outputs in experts:
-            del found[key]  # an embedding, or a router or gate
-        elif transposed is None:
-            unknown.append(found.pop(key)[0])
-    declared, flattened = declared_layouts(model, layouts or {}, experts)  # flattened: id -> number of experts
-    for key, layout in declared.items():
-        found.pop(key, None)
-        if layout != "adamw":
-            found[key] = by_id[key][1], LAYOUTS[layout][1]
-    if unknown := [by_id[id(p)][0] for p in unknown if id(p) not in declared]:
-        warnings.warn(f"sinkgd_param_groups: AdamW for {', '.join(unknown)}: expert stacks of unknown layout (3-D, or "
-                      "2-D outside nn.Linear with a multiple of the experts as rows); say which with layouts={name: "
-                      "'experts_out_in' | 'experts_in_out' | 'adamw'}")
-    matrices = [(p, t) for p, t in found.values() if p.requires_grad]
-    if not matrices:
-        raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "
-                         f"{', '.join(type(b).__name__ for b in blocks)}; pass the module that holds the transformer "
-                         "layers")
-    by_layout = defaultdict(list)  # (stored (..., in, out), experts a 2-D stack is flattened from, or 0) -> weights
-    for p, transposed in matrices:
-        by_layout[transposed, flattened.get(id(p), 0)].append(p)
-    groups = [dict(params=params, sinkgd=True, transposed=transposed, lr=alpha * lr, weight_decay=weight_decay)
-              | (dict(experts=stacked) if stacked else {})
-              for (transposed, stacked), params in sorted(by_layout.items())]
-    chosen = {id(p) for p, _ in matrices}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return groups + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
-
-
-def describe_split(model: nn.Module, groups: list[dict]) -> str:
-    """One line: how many tensors and parameters each optimizer gets, by kind: SinkGD's matrices and expert stacks,
-    AdamW's routers and gates (as the split finds them) and the rest."""
-    experts = expert_counts(getattr(model, "config", None))
-    kinds = {"SinkGD": {"matrices": [], "expert stacks": []}, "AdamW": {"routers and gates": [], "other tensors": []}}
-    for group in groups:
-        for p in group["params"]:
-            if group.get("sinkgd", True):
-                kinds["SinkGD"]["matrices" if p.dim() == 2 and not group.get("experts") else "expert stacks"].append(p)
-            elif p.dim() == 2 and (min(p.shape) == 1 or p.shape[0] in experts):
-                kinds["AdamW"]["routers and gates"].append(p)
-            else:
-                kinds["AdamW"]["other tensors"].append(p)
-    counts = {optimizer: [f"{len(ps)} {kind} ({sum(p.numel() for p in ps) / 1e6:.2f}M params)"
-                          for kind, ps in by_kind.items() if ps] for optimizer, by_kind in kinds.items()}
-    return " | ".join(f"{optimizer} {', '.join(parts)}" for optimizer, parts in counts.items() if parts)
-
-
-def declared_layouts(model: nn.Module, layouts: dict[str, str], experts: set[int]) -> tuple[dict, dict]:
-    """id(parameter) -> layout, for each parameter of `model` whose name matches a key of `layouts` (every key must
-    match one, and its layout fit the parameter's dimensions), and id -> number of experts for the 2-D parameters
-    declared expert stacks: flattened along the rows, by the one expert count of the config that divides them."""
-    declared, flattened = {}, {}
-    for pattern, layout in layouts.items():
-        if layout not in LAYOUTS:
-            raise ValueError(f"sinkgd_param_groups: layouts[{pattern!r}] = {layout!r}; choose one of {list(LAYOUTS)}")
-        matched = [(name, p) for name, p in model.named_parameters() if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ValueError(f"sinkgd_param_groups: layouts names {pattern!r}, which matches no parameter of the model")
-        for name, p in matched:
-            counts = [e for e in experts if p.dim() == 2 and layout.startswith("experts") and p.shape[0] % e == 0]
-            if len(counts) == 1:
-                flattened[id(p)] = counts[0]
-            elif LAYOUTS[layout][0] not in (None, p.dim()):
-                raise ValueError(f"sinkgd_param_groups: layouts makes {name} {layout}, but it is {p.dim()}-D" + (
-                    " and the model's config states no one number of experts that divides its rows"
-                    if p.dim() == 2 else ""))
-            declared[id(p)] = layout
-    return declared, flattened

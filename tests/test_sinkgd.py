@@ -1183,15 +1183,15 @@ def test_transposed_expert_tensors_follow_their_module():
 
 
 def test_pip_install_gives_the_optimizers_alone(tmp_path):
-    """pyproject.toml builds a wheel holding sinkgd.py and sinkgd_zero.py, whose one dependency is torch; installed
-    elsewhere, both import without DeepSpeed or transformers."""
+    """pyproject.toml builds a wheel holding sinkgd.py, sinkgd_split.py and sinkgd_zero.py, whose one dependency is
+    torch; installed elsewhere, they import without DeepSpeed or transformers."""
     import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    for name in ("pyproject.toml", "sinkgd.py", "sinkgd_zero.py", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "sinkgd.py", "sinkgd_split.py", "sinkgd_zero.py", "README.md", "LICENSE"):
         shutil.copy(repo / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(tmp_path)], check=True, cwd=tmp_path, timeout=300)
@@ -1199,13 +1199,13 @@ def test_pip_install_gives_the_optimizers_alone(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         files = zf.namelist()
         metadata = zf.read(next(f for f in files if f.endswith("METADATA"))).decode()
-    assert sorted(f for f in files if ".dist-info/" not in f) == ["sinkgd.py", "sinkgd_zero.py"]
+    assert sorted(f for f in files if ".dist-info/" not in f) == ["sinkgd.py", "sinkgd_split.py", "sinkgd_zero.py"]
     assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist")] == ["Requires-Dist: torch>=2.4"]
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, timeout=300)
     elsewhere.mkdir()
-    check = ("import sys, sinkgd, sinkgd_zero; print(sinkgd_zero.__file__); "
+    check = ("import sys, sinkgd, sinkgd_zero; sinkgd.sinkgd_param_groups; print(sinkgd_zero.__file__); "
              "print(sorted({'deepspeed', 'transformers', 'accelerate'} & sys.modules.keys()))")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {check}"],
                          cwd=elsewhere, capture_output=True, text=True, check=True, timeout=120).stdout.split("\n")
