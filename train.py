@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -287,14 +288,10 @@ def memory_record(device: torch.device) -> dict:
 
 
 def log_line(record: dict, max_steps: int) -> str:
-    """step k/N, then the record's values, durations as h:mm:ss: one line per --log_interval steps."""
-    def value(key, v):
-        if key.endswith("_s"):
-            minutes, seconds = divmod(round(v), 60)
-            return f"{key[:-2]} {minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
-        return f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
-    return " | ".join([f"step {record['step']}/{max_steps}"] +
-                      [value(k, v) for k, v in record.items() if k not in ("step", "time")])
+    """step k/N, then the record's values, durations (keys ending _s) as h:mm:ss: one line per --log_interval steps."""
+    shown = [f"{k[:-2]} {timedelta(seconds=round(v))}" if k.endswith("_s") else f"{k} {v:.4g}" if isinstance(v, float)
+             else f"{k} {v}" for k, v in record.items() if k not in ("step", "time")]
+    return " | ".join([f"step {record['step']}/{max_steps}", *shown])
 
 
 # --------------------------------------------------------------------------------------------------
