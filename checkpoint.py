@@ -2,7 +2,8 @@
 
 A file is written under a temporary name, fsynced and renamed, so a crash leaves the old file or the whole new one
 (prepare_c4.py writes its shards the same way). A DeepSpeed checkpoint is a directory that every rank writes into;
-it counts only once rank 0 has written its manifest (the sha256 of every file) after all ranks have finished.
+each rank lists the sha256 of its own files in its own manifest, and a resume takes the newest checkpoint whose
+every part is intact.
 """
 import hashlib
 import json
@@ -14,9 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-MANIFEST = "manifest.json"
-
 
 class CheckpointError(RuntimeError):
     pass
@@ -99,7 +97,13 @@ def load_latest(out_dir: Path) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# DeepSpeed: out_dir/step_XXXXXXXX/ written by every rank, committed by rank 0's manifest.
+# DeepSpeed: out_dir/step_XXXXXXXX/, written by every rank. Each rank vouches for the files it wrote with its own
+# manifest, so a checkpoint is checked where its files are, on shared storage or on each node's own disk
+# ("checkpoint": {"use_node_local_storage": true}, where each node's first rank writes the model states too).
+
+
+def manifest_name(rank: int) -> str:
+    return f"manifest_rank{rank:05d}.json"
 
 
 def durable_sha256(path: Path) -> str:
@@ -108,41 +112,74 @@ def durable_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def commit_deepspeed(tag_dir: Path, keep: int) -> None:
-    """Rank 0, once every rank has written tag_dir: the manifest makes it resumable; then DeepSpeed's `latest` (read
-    by its own tools, e.g. zero_to_fp32.py) and pruning to the newest `keep` committed checkpoints."""
-    digests = {p.name: durable_sha256(p) for p in sorted(tag_dir.iterdir()) if p.name != MANIFEST}
-    write_atomically(tag_dir / MANIFEST, lambda f: f.write(json.dumps(digests, indent=1).encode()))
+def vouch_for(tag_dir: Path, paths: list[Path], rank: int, world_size: int, node_local: bool) -> None:
+    """This rank's part of tag_dir is durable: the files it wrote there (none, for some ranks at stage 0) fsynced and
+    hashed into its manifest, written atomically, with the setup that can load them."""
+    manifest = {"world_size": world_size, "node_local": node_local,
+                "files": {str(p.relative_to(tag_dir)): durable_sha256(p) for p in sorted(paths)}}
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(tag_dir / manifest_name(rank), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def commit_deepspeed(tag_dir: Path, rank: int, keep: int) -> None:
+    """Once every rank has vouched for tag_dir, by the rank that keeps this copy of out_dir (rank 0 on shared storage,
+    each node's first rank on node-local): DeepSpeed's `latest` (read by its own tools, e.g. zero_to_fp32.py) points
+    at it, and the tags this copy holds are pruned to the newest `keep` that `rank` vouched for."""
     write_atomically(tag_dir.parent / "latest", lambda f: f.write(tag_dir.name.encode()))
-    committed = [d.name for d in sorted(tag_dir.parent.glob("step_*")) if (d / MANIFEST).exists()]
-    oldest_kept = committed[-keep:][0]
+    vouched = [d.name for d in sorted(tag_dir.parent.glob("step_*")) if (d / manifest_name(rank)).exists()]
+    oldest_kept = vouched[-keep:][0]
     for old in sorted(tag_dir.parent.glob("step_*")):
         if old.name < oldest_kept:
-            (old / MANIFEST).unlink(missing_ok=True)  # first, so a deletion cut short leaves no complete-looking tag
+            for manifest in old.glob("manifest_rank*.json"):  # first, so a deletion cut short leaves nothing that
+                manifest.unlink()  # looks complete
             shutil.rmtree(old)
 
 
-def newest_intact_deepspeed_tag(out_dir: Path) -> str | None:
-    """The newest step_* directory whose files all match its manifest; the others are reported. None if no save
-    ever finished; an error if some did but none is intact, as starting afresh would overwrite them."""
-    committed = 0
-    for tag_dir in sorted(Path(out_dir).glob("step_*"), reverse=True):
-        if not (tag_dir / MANIFEST).exists():
-            print(f"warning: skipping incomplete checkpoint {tag_dir} (its save did not finish)", file=sys.stderr)
-            continue
-        committed += 1
+def own_parts(out_dir: Path, rank: int) -> dict:
+    """What this rank finds in its out_dir: for each step_* tag, None if its own part is intact or why it is not; and
+    the setups, (world size, node-local), that the manifests it can see were saved with."""
+    parts, setups = {}, set()
+    for tag_dir in sorted(Path(out_dir).glob("step_*")):
+        for path in tag_dir.glob("manifest_rank*.json"):
+            try:
+                manifest = json.loads(path.read_text())
+                setups.add((manifest["world_size"], manifest["node_local"]))
+            except (OSError, ValueError, KeyError):
+                pass  # reported below if it is this rank's
         try:
-            expected = json.loads((tag_dir / MANIFEST).read_text())
-            damaged = [name for name, digest in expected.items() if durable_sha256(tag_dir / name) != digest]
-            if not damaged:
-                return tag_dir.name
-            problem = f"{', '.join(damaged)} differ from {MANIFEST}"
-        except (OSError, ValueError) as e:
-            problem = str(e)
-        print(f"warning: skipping corrupt checkpoint {tag_dir}: {problem}", file=sys.stderr)
-    if committed:
-        raise CheckpointError(f"none of the {committed} checkpoints in {out_dir} is intact; move them elsewhere to "
-                              "start afresh")
+            files = json.loads((tag_dir / manifest_name(rank)).read_text())["files"]
+            damaged = [name for name, digest in files.items() if durable_sha256(tag_dir / name) != digest]
+            parts[tag_dir.name] = f"changed since saved: {', '.join(damaged)}" if damaged else None
+        except FileNotFoundError:
+            parts[tag_dir.name] = "its save did not finish"
+        except (OSError, ValueError, KeyError) as e:
+            parts[tag_dir.name] = f"{type(e).__name__}: {e}"
+    return {"parts": parts, "setups": setups}
+
+
+def agreed_deepspeed_tag(found: list[dict], out_dir: Path, world_size: int, node_local: bool, report: bool):
+    """Given every rank's own_parts (the same list on every rank, so all decide alike): the newest tag whose parts are
+    intact on every rank; the newer ones are reported (if `report`). None if no save ever finished; an error if some
+    did but none is intact everywhere (starting afresh would overwrite them), or if they were saved by another
+    setup (DeepSpeed would load the wrong partitions, or miss files)."""
+    storage = {True: "node-local", False: "shared"}
+    for saved_world_size, saved_node_local in sorted(set().union(*(f["setups"] for f in found))):
+        if (saved_world_size, saved_node_local) != (world_size, node_local):
+            raise CheckpointError(f"the checkpoints in {out_dir} were saved by {saved_world_size} ranks on "
+                                  f"{storage[saved_node_local]} storage, this run has {world_size} on "
+                                  f"{storage[node_local]}: resume with the same rank count and "
+                                  "checkpoint.use_node_local_storage, or choose another --out_dir to start afresh")
+    tags = sorted(set().union(*(f["parts"] for f in found)), reverse=True)
+    for tag in tags:
+        problems = [f"rank {rank}: {f['parts'].get(tag, 'not in its out_dir')}" for rank, f in enumerate(found)
+                    if f["parts"].get(tag, "missing") is not None]
+        if not problems:
+            return tag
+        if report:
+            print(f"warning: skipping checkpoint {Path(out_dir) / tag}: {'; '.join(problems)}", file=sys.stderr)
+    if any(f["setups"] for f in found):
+        raise CheckpointError(f"none of the {len(tags)} checkpoints in {out_dir} is intact on every rank; move them "
+                              "elsewhere to start afresh")
     return None
 
 

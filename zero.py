@@ -73,6 +73,7 @@ def initialize(config: dict, model, optimizer, scheduler, *, batch_size: int, mi
     if isinstance(optimizer, ZeroSinkGD):
         optimizer.attach(engine)
     engine.checkpoint_engine.load = load_deepspeed_file
+    engine.files_saved = record_saves(engine.checkpoint_engine)
     if compile:
         engine.compile()
     return engine
@@ -95,26 +96,46 @@ def load_deepspeed_file(path: str, map_location=None):
 
 def save(engine, out_dir: Path, step: int, state: dict, keep: int) -> None:
     """Every rank writes its part of step_XXXXXXXX/ through DeepSpeed (model, optimizer, schedule; `state` rides
-    along); rank 0 commits it once all have finished."""
+    along) and vouches for it; once all have, the tag is committed on each copy of out_dir."""
     tag_dir = Path(out_dir) / f"step_{step:08d}"
-    if dist.get_rank() == 0:  # saving a tag again (after a resume from an older one): incomplete until committed
-        (tag_dir / checkpoint.MANIFEST).unlink(missing_ok=True)
+    rank, node_local = dist.get_rank(), engine.use_node_local_storage()
+    # A tag saved again (after a resume from an older one) is incomplete until every rank has vouched for it anew.
+    (tag_dir / checkpoint.manifest_name(rank)).unlink(missing_ok=True)
+    engine.files_saved.clear()
     try:
         engine.save_checkpoint(str(out_dir), tag=tag_dir.name, client_state=state, save_latest=False)
+        checkpoint.vouch_for(tag_dir, engine.files_saved, rank, dist.get_world_size(), node_local)
     except (OSError, RuntimeError) as e:  # torch reports a failed write to a path as a RuntimeError
         raise OSError(checkpoint.write_error(tag_dir, e)) from e
-    if dist.get_rank() == 0:
-        checkpoint.commit_deepspeed(tag_dir, keep)
+    dist.barrier()
+    if (engine.local_rank if node_local else rank) == 0:
+        checkpoint.commit_deepspeed(tag_dir, rank, keep)
     dist.barrier()
 
 
 def resume(engine, out_dir: Path) -> dict | None:
-    """Load the newest checkpoint that rank 0 found intact on every rank; its client state, or None."""
-    tag = [checkpoint.newest_intact_deepspeed_tag(out_dir) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(tag, src=0)
-    if tag[0] is None:
+    """Load the newest checkpoint whose parts every rank finds intact (each checks its own files, where they are);
+    its client state, or None."""
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, checkpoint.own_parts(out_dir, dist.get_rank()))
+    tag = checkpoint.agreed_deepspeed_tag(found, out_dir, dist.get_world_size(), engine.use_node_local_storage(),
+                                          report=dist.get_rank() == 0)
+    if tag is None:
         return None
-    return engine.load_checkpoint(str(out_dir), tag=tag[0])[1]
+    return engine.load_checkpoint(str(out_dir), tag=tag)[1]
+
+
+def record_saves(checkpoint_engine) -> list[Path]:
+    """The list of paths that DeepSpeed's checkpoint engine writes from now on in this process, filled as it goes:
+    what this rank vouches for (DeepSpeed decides which files each rank writes, e.g. the model states on each node
+    with node-local storage)."""
+    paths, save = [], checkpoint_engine.save
+
+    def save_and_record(state_dict, path):
+        save(state_dict, path)
+        paths.append(Path(path))
+    checkpoint_engine.save = save_and_record
+    return paths
 
 
 def local_rank_device(device_type: str) -> torch.device:

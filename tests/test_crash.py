@@ -7,11 +7,14 @@ Faults are injected into real training processes by `install_faults`, which `DRI
 import hashlib
 import importlib.util
 import io
+import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -259,36 +262,89 @@ def tags(out_dir):
     return sorted(d.name for d in Path(out_dir).glob("step_*"))
 
 
-def test_deepspeed_prune_cut_short_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
-    """Rank 0 prunes old DeepSpeed tags after committing a new one. A prune killed half-way through deleting a tag
-    leaves it without its manifest, so no resume takes it for intact, and the next commit finishes the deletion."""
-    def write_tag(step):
-        tag_dir = tmp_path / f"step_{step:08d}"
-        tag_dir.mkdir()
-        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
-            (tag_dir / name).write_bytes(os.urandom(64))
-        return tag_dir
+def write_tag(out_dir, step, ranks=(0, 1), world_size=2, node_local=False):
+    """A DeepSpeed tag as `ranks` save it at ZeRO 1-2 (rank 0 writes the model states too), each vouching for its
+    files."""
+    tag_dir = Path(out_dir) / f"step_{step:08d}"
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    for rank in ranks:
+        paths = [tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+        paths += [tag_dir / "mp_rank_00_model_states.pt"] if rank == 0 or node_local else []
+        for path in paths:
+            path.write_bytes(os.urandom(64))
+        checkpoint.vouch_for(tag_dir, paths, rank, world_size, node_local)
+    return tag_dir
 
+
+def agreed(*rank_dirs, world_size=2, node_local=False):
+    """The tag that ranks seeing rank_dirs (one each) resume from, as zero.resume decides it."""
+    found = [checkpoint.own_parts(out_dir, rank) for rank, out_dir in enumerate(rank_dirs)]
+    return checkpoint.agreed_deepspeed_tag(found, rank_dirs[0], world_size, node_local, report=True)
+
+
+def test_deepspeed_prune_cut_short_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
+    """The rank that keeps out_dir prunes old DeepSpeed tags after committing a new one. A prune killed half-way
+    through deleting a tag leaves it without manifests, so no resume takes it for intact, and the next commit
+    finishes the deletion."""
     for step in (1, 2, 3):
-        checkpoint.commit_deepspeed(write_tag(step), keep=2)
+        checkpoint.commit_deepspeed(write_tag(tmp_path, step), rank=0, keep=2)
     assert tags(tmp_path) == ["step_00000002", "step_00000003"]
+    assert (tmp_path / "latest").read_text() == "step_00000003"
 
     def killed_rmtree(path):  # deletes one data file, then the process dies
         sorted(Path(path).glob("*.pt"))[-1].unlink()
         raise Killed
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
     with pytest.raises(Killed):
-        checkpoint.commit_deepspeed(write_tag(4), keep=2)
+        checkpoint.commit_deepspeed(write_tag(tmp_path, 4), rank=0, keep=2)
     monkeypatch.undo()
     cut_short = tmp_path / "step_00000002"
-    assert cut_short.is_dir() and not (cut_short / checkpoint.MANIFEST).exists()
-    assert checkpoint.newest_intact_deepspeed_tag(tmp_path) == "step_00000004"
+    assert cut_short.is_dir() and not list(cut_short.glob("manifest*"))
+    assert agreed(tmp_path, tmp_path) == "step_00000004"
     shutil.rmtree(tmp_path / "step_00000004")
     shutil.rmtree(tmp_path / "step_00000003")  # only the cut-short tag left: it is not resumable
-    assert checkpoint.newest_intact_deepspeed_tag(tmp_path) is None
-    checkpoint.commit_deepspeed(write_tag(3), keep=1)
+    assert agreed(tmp_path, tmp_path) is None
+    checkpoint.commit_deepspeed(write_tag(tmp_path, 3), rank=0, keep=1)
     assert tags(tmp_path) == ["step_00000003"]
+
+
+def test_deepspeed_resume_agrees_on_the_newest_tag_intact_on_every_rank(tmp_path, capsys):
+    """Two nodes with their own disks, a rank each: each rank checks only its own files, and all resume from the
+    newest tag intact on both. What one node lacks or holds damaged is skipped on both, and said."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for step in (2, 4, 6, 8):
+        for rank, node in enumerate(nodes):
+            write_tag(node, step, ranks=[rank], node_local=True)
+    assert agreed(*nodes, node_local=True) == "step_00000008"
+    torn = nodes[1] / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torn.write_bytes(torn.read_bytes()[:32])
+    (nodes[1] / "step_00000006" / checkpoint.manifest_name(1)).unlink()  # rank 1 killed before vouching
+    shutil.rmtree(nodes[0] / "step_00000004")  # lost on node 0
+    assert agreed(*nodes, node_local=True) == "step_00000002"
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: skipping checkpoint {nodes[0] / 'step_00000008'}: rank 1: changed since saved: {torn.name}",
+        f"warning: skipping checkpoint {nodes[0] / 'step_00000006'}: rank 1: its save did not finish",
+        f"warning: skipping checkpoint {nodes[0] / 'step_00000004'}: rank 0: not in its out_dir"]
+    (nodes[0] / "step_00000002" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="none of the 4 checkpoints in .* is intact on every rank"):
+        agreed(*nodes, node_local=True)
+    assert agreed(tmp_path / "empty", tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize("saved, resumed", [((2, True), (2, False)), ((2, True), (3, True)), ((2, False), (1, False))])
+def test_deepspeed_resume_in_another_setup_is_one_line(saved, resumed, tmp_path):
+    """Checkpoints saved by another rank count, or on node-local storage and resumed from shared (or the reverse),
+    are refused in one line: DeepSpeed would load other ranks' partitions or miss files."""
+    (world_size, node_local), (resumed_world_size, resumed_node_local) = saved, resumed
+    write_tag(tmp_path, 2, ranks=[0], world_size=world_size, node_local=node_local)
+    rank_dirs = [tmp_path] * resumed_world_size
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        agreed(*rank_dirs, world_size=resumed_world_size, node_local=resumed_node_local)
+    storage = {True: "node-local", False: "shared"}
+    assert str(error.value) == (
+        f"the checkpoints in {tmp_path} were saved by {world_size} ranks on {storage[node_local]} storage, this run "
+        f"has {resumed_world_size} on {storage[resumed_node_local]}: resume with the same rank count and "
+        "checkpoint.use_node_local_storage, or choose another --out_dir to start afresh")
 
 
 @needs_deepspeed
@@ -310,7 +366,7 @@ def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path)
     killed = launch(args, out_dir, ranks=2,
                     faults={"KILL_IN_SAVE": "step_00000006", "KILL_RANK": "1", "KILL_DELAY_S": "3"})
     assert killed.returncode != 0
-    assert (out_dir / "step_00000006").is_dir() and not (out_dir / "step_00000006" / checkpoint.MANIFEST).exists()
+    assert not (out_dir / "step_00000006" / checkpoint.manifest_name(1)).exists()
     assert (out_dir / "latest").read_text() == "step_00000004"
     # and step 4's, complete, has since lost a byte on disk
     damaged = sorted((out_dir / "step_00000004").glob("*optim_states.pt"))[0]
@@ -319,13 +375,101 @@ def test_deepspeed_resume_skips_torn_and_corrupt_checkpoints(data_dir, tmp_path)
     resumed = launch(args + ["--resume"], out_dir, ranks=2)
     assert resumed.returncode == 0, resumed.stderr_text[-3000:]
     assert "resumed from step 2" in resumed.stdout_text
-    assert f"warning: skipping incomplete checkpoint {out_dir / 'step_00000006'}" in resumed.stderr_text
-    assert f"warning: skipping corrupt checkpoint {damaged.parent}: {damaged.name} differ" in resumed.stderr_text
+    assert (f"warning: skipping checkpoint {out_dir / 'step_00000006'}: rank 0: its save did not finish; rank 1: "
+            "its save did not finish" in resumed.stderr_text)  # rank 0 waits in DeepSpeed's save until rank 1 is done
+    assert (f"warning: skipping checkpoint {damaged.parent}: rank 0: changed since saved: {damaged.name}"
+            in resumed.stderr_text)
     assert (out_dir / "latest").read_text() == "step_00000006"
     assert tags(out_dir) == ["step_00000004", "step_00000006"]  # both saved again; step 2's, resumed from, pruned
     assert_same_training(read_metrics(out_dir), deepspeed_weights(out_dir, 3, "step_00000006"),
                          read_metrics(tmp_path / "straight"),
                          deepspeed_weights(tmp_path / "straight", 3, "step_00000006"), tol=1e-6)
+
+
+def run_nodes(args, node_dirs, faults=None):
+    """train.py (through DRIVER) on two nodes of one DeepSpeed rank each, simulated on this machine: two launchers
+    joined by torchrun's static rendezvous (--nnodes 2), each rank its node's first, and each node given its own
+    --out_dir, so that a rank sees only its node's files, as on node-local disks. If node 0 fails (a fault killed it),
+    node 1 is killed, as a cluster's scheduler ends the job. The two finished launchers, node 0's first."""
+    driver = node_dirs[0].parent / "driver.py"
+    driver.parent.mkdir(parents=True, exist_ok=True)
+    driver.write_text(DRIVER)
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (faults or {})
+    for _ in range(3):  # the port picked here can be taken before node 0's launcher binds it: then try another
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", str(driver), *args, "--out_dir", str(out_dir)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for node, out_dir in enumerate(node_dirs)]
+        procs[0].stdout_text, procs[0].stderr_text = procs[0].communicate(timeout=600)
+        if procs[0].returncode != 0:
+            os.killpg(procs[1].pid, signal.SIGKILL)
+        procs[1].stdout_text, procs[1].stderr_text = procs[1].communicate(timeout=600)
+        if "EADDRINUSE" not in procs[0].stderr_text:
+            return procs
+    pytest.fail(f"no free port for the rendezvous in 3 tries: {procs[0].stderr_text[-3000:]}")
+
+
+def merged_fp32_weights(node_dirs, tag, stage):
+    """The fp32 master weights of a ZeRO checkpoint whose ranks' files are spread over node_dirs."""
+    from test_deepspeed import deepspeed_weights
+    merged = node_dirs[0].parent / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    for node in node_dirs:
+        shutil.copytree(node / tag, merged / tag, dirs_exist_ok=True)
+    return deepspeed_weights(merged, stage, tag)
+
+
+@needs_deepspeed
+def test_deepspeed_node_local_checkpoints_resume_where_every_node_is_intact(data_dir, tmp_path):
+    """With "use_node_local_storage" each node's disk holds its ranks' files (and its own copy of the model states):
+    each node prunes its own copy; after a kill -9, with a file of the newest checkpoint torn on node 1 alone, both
+    ranks skip it and resume from the one before, ending where the uninterrupted run does."""
+    from test_deepspeed import assert_same_training
+    config = tmp_path / "ds_node_local.json"
+    config.write_text(json.dumps(json.loads((REPO / "ds_config.json").read_text())  # ZeRO-2, as shipped
+                                 | {"checkpoint": {"use_node_local_storage": True}}))
+    args = ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(config), "--micro_batch_size", "2",
+                   "--max_steps", "6", "--ckpt_interval", "2", "--eval_interval", "2", "--keep_checkpoints", "2",
+                   "--adam_eps", "1e-5"]
+    straight = [tmp_path / "straight" / f"node{node}" for node in (0, 1)]
+    procs = run_nodes(args, straight)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr_text[-3000:] + procs[1].stderr_text[-3000:]
+    for node in straight:  # each node pruned its own copy, and its `latest` follows
+        assert tags(node) == ["step_00000004", "step_00000006"] and (node / "latest").read_text() == "step_00000006"
+    rank1_optimizer = "step_00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert (straight[1] / rank1_optimizer).exists() and not (straight[0] / rank1_optimizer).exists()
+
+    killed = [tmp_path / "killed" / f"node{node}" for node in (0, 1)]
+    procs = run_nodes(args, killed, faults={"KILL_AT_BATCH": str(4 * ACCUMULATION + 1)})  # rank 0, as step 5 begins
+    assert procs[0].returncode != 0 and "Signal 9 (SIGKILL)" in procs[0].stderr_text, procs[0].stderr_text[-3000:]
+    for node in killed:
+        assert tags(node) == ["step_00000002", "step_00000004"]
+    torn = killed[1] / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torn.write_bytes(torn.read_bytes()[:torn.stat().st_size // 2])
+
+    procs = run_nodes(args + ["--resume"], killed)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr_text[-3000:] + procs[1].stderr_text[-3000:]
+    assert "resumed from step 2" in procs[0].stdout_text
+    assert (f"warning: skipping checkpoint {killed[0] / 'step_00000004'}: rank 1: changed since saved: {torn.name}"
+            in procs[0].stderr_text)
+    for node in killed:
+        assert tags(node) == ["step_00000004", "step_00000006"]
+    assert_same_training(read_metrics(killed[0]), merged_fp32_weights(killed, "step_00000006", 2),
+                         read_metrics(straight[0]), merged_fp32_weights(straight, "step_00000006", 2), tol=1e-6)
+
+    # One process on node 0's copy, with storage taken as shared: refused in one line, the checkpoints untouched.
+    before = snapshot(killed[0])
+    shared = launch(ARGS + ["--data_dir", str(data_dir), "--deepspeed_config", str(REPO / "ds_config.json"),
+                            "--resume"], killed[0])
+    assert shared.returncode == 1 and shared.stderr_text.strip().splitlines()[-1] == (
+        f"error: the checkpoints in {killed[0]} were saved by 2 ranks on node-local storage, this run has 1 on "
+        "shared: resume with the same rank count and checkpoint.use_node_local_storage, or choose another --out_dir "
+        "to start afresh")
+    assert snapshot(killed[0]) == before
 
 
 @needs_deepspeed

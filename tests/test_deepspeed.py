@@ -297,8 +297,9 @@ def test_deepspeed_checkpoint_resumes_identically_and_as_data_only(data_dir, tmp
     tag_dir, pwned = tmp_path / "straight" / "step_00000004", tmp_path / "pwned"
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
     torch.save(states | {"payload": RunsCode(pwned)}, tag_dir / "mp_rank_00_model_states.pt")
-    (tag_dir / checkpoint.MANIFEST).write_text(json.dumps(
-        {p.name: checkpoint.durable_sha256(p) for p in tag_dir.iterdir() if p.name != checkpoint.MANIFEST}))
+    vouched = json.loads((tag_dir / checkpoint.manifest_name(0)).read_text())  # rank 0 wrote the model states
+    vouched["files"]["mp_rank_00_model_states.pt"] = checkpoint.durable_sha256(tag_dir / "mp_rank_00_model_states.pt")
+    (tag_dir / checkpoint.manifest_name(0)).write_text(json.dumps(vouched))
     proc = launch(args + ["--resume"], tmp_path / "straight", ranks=2)
     assert proc.returncode != 0 and not pwned.exists()
     assert (f"error: {tag_dir / 'mp_rank_00_model_states.pt'} holds more than tensors and DeepSpeed's own data"
