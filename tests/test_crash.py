@@ -44,6 +44,9 @@ sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
 import test_crash, train
 test_crash.install_faults(os.environ)
 train.main(sys.argv[1:])
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # as common.TRAIN_DRIVER
 """
 DETERMINISTIC_KEYS = ("step", "train_loss", "lr", "val_loss", "val_ppl", "skipped")
 
