@@ -1,170 +1,251 @@
-"""SinkGD: Sinkhorn Gradient Descent, from Scetbon, Ma, Gong, Meeds, "Gradient Multi-Normalization for Stateless
-and Scalable LLM Training" (arXiv 2502.06742): `sr_sinkhorn` is Alg. 3, `SinkGD` Alg. 4 (torch's fused AdamW where the
-paper has AdamW); `sinkgd_param_groups`, the paper's split, is in sinkgd_split.py. sinkgd_zero.py: Alg. 3 on DeepSpeed
-ZeRO's partitions."""
+"""SinkGD (Sinkhorn Gradient Descent), from "Gradient Multi-Normalization for Stateless and
+Scalable LLM Training" (Scetbon, Ma, Gong, Meeds; arXiv 2502.06742). `sr_sinkhorn_paper` is Alg. 3
+as the paper writes it, `sr_sinkhorn` its fast form, `SinkGD` Alg. 4. The paper's split into SinkGD
+and AdamW groups, `sinkgd_param_groups`, is in sinkgd_split.py."""
+import math
 from collections import defaultdict
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-from sinkgd_split import describe_split, sinkgd_param_groups  # noqa: F401  (the paper's split, sinkgd_split.py)
+from sinkgd_split import describe_split, sinkgd_param_groups  # noqa: F401  (re-exported)
+
+# ---------------------------------------------------------------------------------------------
+# Alg. 3 as the paper writes it. G is (m, n), or a stack (..., m, n) of matrices, each on its own.
 
 
-def work_dtype(grad: Tensor) -> torch.dtype:
-    """float32 whatever the gradient dtype (bf16 is common); float64 stays float64."""
+def normalize_rows(X: Tensor) -> Tensor:
+    """X <- sqrt(n) Q(X)^-1 X: every row to l2 norm sqrt(n). A zero row stays zero."""
+    Q = torch.linalg.vector_norm(X, dim=-1, keepdim=True)  # (..., m, 1): the rows' norms
+    return torch.where(Q > 0, math.sqrt(X.shape[-1]) * X / Q, 0.0)
+
+
+def normalize_columns(X: Tensor) -> Tensor:
+    """X <- sqrt(m) X R(X)^-1: every column to l2 norm sqrt(m). A zero column stays zero."""
+    R = torch.linalg.vector_norm(X, dim=-2, keepdim=True)  # (..., 1, n): the columns' norms
+    return torch.where(R > 0, math.sqrt(X.shape[-2]) * X / R, 0.0)
+
+
+def sr_sinkhorn_paper(G: Tensor, num_iters: int = 5) -> Tensor:
+    """Alg. 3, L = num_iters times rows then columns, in G's dtype. The definition that
+    sr_sinkhorn is tested against; slow, and in float32 a tiny gradient's squares underflow."""
+    X = G
+    for _ in range(num_iters):
+        X = normalize_rows(X)
+        X = normalize_columns(X)
+    return X
+
+
+# ---------------------------------------------------------------------------------------------
+# Alg. 3, fast form. Three parts: prescale, iterate, rebuild.
+#
+# The numerics. Every iterate is X = diag(r) G diag(c), so the loop keeps only u = r^2 (m,) and
+# v = c^2 (n,), and B = G^2 taken entrywise: row i's squared norm is u_i (B v)_i, column j's is
+# v_j (B^T u)_j. Each row of G is first divided by its largest magnitude; X does not change, as
+# its first step normalizes the rows, and B <= 1 cannot overflow. An entry at most 2^-63
+# (~1.08e-19) times its row's largest magnitude squares below float32's normal range and is set to
+# zero, so X is Alg. 3 of G with those entries zero (float64: 2^-511). The gauge (u, v) ->
+# (u t, v / t) leaves X unchanged; before the last iteration v is scaled so that its smallest
+# nonzero entry is 1, which keeps u <= n whatever G's dynamic range. A zero row or column has a
+# zero sum; its scaling is set to 0, so it stays zero and adds nothing to the other sums.
+
+
+def work_dtype(grad: Tensor) -> torch.dtype:  # float32 for bf16 and float32, float64 for float64
     return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
-def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
-    """Alg. 3 on every trailing (m, n) matrix of G (..., m, n), each on its own: alternately rescale its rows to l2
-    norm sqrt(n) and its columns to l2 norm sqrt(m), num_iters times, ending on the columns. Returns X shaped like G,
-    in float32 (float64 if G is), written into `out` (contiguous) when given: the only G-sized memory it uses.
+def row_abs_max(G: Tensor) -> Tensor:  # (..., m, n) -> (..., m); two reductions beat aminmax
+    return torch.maximum(G.amax(dim=-1), G.amin(dim=-1).neg()).to(work_dtype(G))
 
-    The iterate is always X = diag(r) G diag(c), so the loop runs on u = r^2 and v = c^2 with B = G^2 (elementwise):
-    rows to norm sqrt(n) is u = n / (B v), columns to norm sqrt(m) is v = m / (B^T u). Each row of G is divided by
-    its largest magnitude before squaring: X does not change (rows are normalised first) and B <= 1 cannot
-    overflow. An entry at most 2^-63 (~1.08e-19) times its row's largest magnitude then squares below float32's
-    normal range and counts as zero: X is Alg. 3 of G with those entries set to zero (float64 G: 2^-511)."""
+
+def prescale(G: Tensor, row_max: Tensor, out: Tensor | None = None) -> Tensor:
+    """B = (G / row max)^2 with row_max (..., m, 1); entries below the normal range are zero."""
+    tiny, eps = torch.finfo(row_max.dtype).tiny, torch.finfo(row_max.dtype).eps
+    B = torch.div(G, row_max.clamp_min(tiny * eps), out=out).square_()  # zero rows: 0 / (tiny eps)
+    return torch.nn.functional.threshold_(B, tiny, 0.0)
+
+
+class Sums(NamedTuple):
+    """Alg. 3's reductions of B, each over every element of a matrix, however the matrix is held:
+    whole here, in pieces over ranks in sinkgd_zero.py (partial sums, then an all-reduce)."""
+    rows: Callable[[Tensor], Tensor]  # v -> B v: each row's sum of B_ij v_j
+    cols: Callable[[Tensor], Tensor]  # u -> B^T u: each column's sum of u_i B_ij
+    col_max: Callable[[Tensor], Tensor]  # s -> the largest s_j of each matrix, for the gauge
+
+
+def sinkhorn(sums: Sums, v: Tensor, n, m, num_iters: int) -> tuple[Tensor, Tensor]:
+    """The L iterations of Alg. 3 on the squared scalings (u, v), from v (all ones). n and m: each
+    row's and each column's target squared norm (numbers, or one per row or column)."""
+    for i in range(num_iters):
+        # X <- sqrt(n) Q(X)^-1 X: u_i (B v)_i = n
+        u = torch.div(n, sums.rows(v)).nan_to_num_(posinf=0.0)
+        # X <- sqrt(m) X R(X)^-1: v_j (B^T u)_j = m; up to the gauge before the last iteration
+        s = sums.cols(u)
+        v = torch.div(m if i == num_iters - 1 else sums.col_max(s), s).nan_to_num_(posinf=0.0)
+    return u, v
+
+
+def rebuild_(B: Tensor, u: Tensor, v: Tensor, G: Tensor) -> Tensor:  # u (.., m, 1), v (.., 1, n)
+    """X = sqrt(u_i B_ij v_j) with G's signs, in B's memory."""
+    return B.mul_(u).mul_(v).sqrt_().copysign_(G)
+
+
+def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
+    """Alg. 3 of every trailing (m, n) matrix of grad, like sr_sinkhorn_paper, in float32
+    (float64 if grad is). X is written into `out` (contiguous, grad's shape) when given."""
     if grad.dim() < 2:
-        raise ValueError(f"sr_sinkhorn expects a matrix or a stack of matrices, got shape {tuple(grad.shape)}")
+        raise ValueError("sr_sinkhorn expects a matrix or a stack of matrices, got shape "
+                         f"{tuple(grad.shape)}")
     m, n = grad.shape[-2:]
     G = grad.reshape(-1, m, n)  # (k, m, n), a view for the layouts SinkGD passes
-    row_max = torch.maximum(G.amax(dim=2), G.amin(dim=2).neg()).to(work_dtype(grad))  # (k, m); aminmax is slow
-    tiny = torch.finfo(row_max.dtype).tiny
-    # A zero row divides by the smallest subnormal instead of by 0, and stays zero.
-    B = torch.div(G, row_max.clamp_min(tiny * torch.finfo(row_max.dtype).eps)[:, :, None],
-                  out=None if out is None else out.view(G.shape)).square_()
-    torch.nn.functional.threshold_(B, tiny, 0.0)  # squares below the normal range: zero, not subnormal
-    B_t, floor, v = B.mT, B.new_full((), tiny), B.new_ones(len(B), 1, n)
-    for i in range(num_iters):  # u and v as row vectors (k, 1, m) and (k, 1, n): v^T B^T is the CPU's fast bmm
-        u = torch.baddbmm(floor, v, B_t, alpha=1 / n).reciprocal_()  # a zero row gets 1/tiny and adds 0 below
-        col_sumsq = torch.bmm(u, B)
-        # Before the last iteration v is taken up to the gauge (u, v) -> (u t, v / t), which leaves X unchanged:
-        # scaled so that its smallest entry is 1, it bounds u <= n for any dynamic range of G. A zero column: 0.
-        v = (m / col_sumsq if i == num_iters - 1 else col_sumsq.amax(2, keepdim=True) / col_sumsq).nan_to_num_(posinf=0)
-    return B.mul_(u.mT).mul_(v).sqrt_().copysign_(G).view(grad.shape)
+    out = None if out is None else out.view(G.shape)
+    # 1. prescale: B = (G / row max)^2, (k, m, n)
+    B = prescale(G, row_abs_max(G)[..., None], out=out)
+    # 2. iterate, on u (k, 1, m) and v (k, 1, n) as row vectors: v B^T is the CPU's fast bmm
+    B_t = B.mT
+    sums = Sums(rows=lambda v: torch.bmm(v, B_t), cols=lambda u: torch.bmm(u, B),
+                col_max=lambda s: s.amax(dim=-1, keepdim=True))  # a gauge per matrix
+    u, v = sinkhorn(sums, B.new_ones(len(B), 1, n), n, m, num_iters)
+    # 3. rebuild: X = sqrt(u B v) with G's signs
+    return rebuild_(B, u.mT, v, G).view(grad.shape)
 
 
-# Default stack_bytes, per device type: the most bytes of gradient copy and float32 X per stack (absent: one matrix
-# at a time). tools/bench_optimizer.py: on a GPU a stack saves kernel launches; on a CPU, beyond its cache, nothing.
+# ---------------------------------------------------------------------------------------------
+# Alg. 4.
+
+# Bytes of gradient copy and float32 X per stack, per device type (absent: one matrix at a time)
 STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 
 
 class SinkGD(torch.optim.Optimizer):
-    """Alg. 4. A group with sinkgd=True holds matrices (or stacks of them, e.g. MoE experts) and keeps no state:
+    """Alg. 4. A group with sinkgd=True holds matrices (or stacks: MoE experts), keeps no state:
         W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
-    transposed=True for weights stored (..., in, out), so that rows are output features as in the paper; experts=E
-    for 2-D stacks of E matrices flattened along the rows (DBRX's experts). A group with
-    sinkgd=False is stepped by torch's fused AdamW (the embedding, norms and head in the paper).
+    Groups with sinkgd=False (the paper's embedding, norms, head) step by torch's fused AdamW.
+    transposed=True: weights stored (..., in, out). experts=E: E matrices flattened along rows.
+    Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (bytes,
+    or a dict per device type). Products follow torch.set_float32_matmul_precision ("high" or
+    "medium" leave ~1e-3 in X). A non-finite gradient raises FloatingPointError, or with
+    skip_nonfinite=True sets `overflow`; either way no weight or AdamW state changes."""
 
-    Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (a number of bytes, or a dict
-    of them per device type; default STACK_BYTES), so the kernels of a step follow the number of shapes, not of
-    layers. Their products follow torch.set_float32_matmul_precision, as every float32 matmul does: at the default
-    "highest" X is Alg. 3 to float32 rounding; "high" (TF32 on CUDA) or "medium" (bf16) leave ~1e-3 in X.
-    Finiteness is decided on the device and masks the whole step (AdamW's through its found_inf); the one host sync
-    reads it after every kernel is queued. A non-finite gradient then raises FloatingPointError, or with
-    skip_nonfinite=True sets `overflow`, by which DeepSpeed's engine (and train.py's) leaves the lr schedule alone too;
-    no weight or AdamW state has changed. step() refuses matrices that a wrapper has since flattened or resized."""
-
-    def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, sinkgd: bool = True, transposed: bool = False,
-                 skip_nonfinite: bool = False, stack_bytes: int | dict[str, int] = STACK_BYTES):
+    def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True,
+                 transposed: bool = False, skip_nonfinite: bool = False,
+                 stack_bytes: int | dict[str, int] = STACK_BYTES):
         if not lr > 0 or sinkhorn_iters < 1:
-            raise ValueError(f"need lr > 0 and sinkhorn_iters >= 1, got lr={lr}, sinkhorn_iters={sinkhorn_iters}")
+            raise ValueError(f"need lr > 0 and sinkhorn_iters >= 1, got lr={lr}, "
+                             f"sinkhorn_iters={sinkhorn_iters}")
         per_device = stack_bytes.values() if isinstance(stack_bytes, dict) else [stack_bytes]
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in per_device):
-            raise ValueError(f"stack_bytes must be a number of bytes >= 0 or a dict of them per device type, e.g. "
-                             f"{{'cuda': 64 << 20}}; got {stack_bytes!r}")
-        self.matrix_shapes: list[list[torch.Size]] = []  # per group, as added: step() checks they still hold
-        # fused=True, the AdamW groups' math, also makes load_state_dict move `step` to the parameter's device
-        super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps, fused=True,
-                                      weight_decay=weight_decay, sinkgd=sinkgd, transposed=transposed))
-        self.skip_nonfinite, self.overflow = skip_nonfinite, False
-        self.stack_bytes = stack_bytes
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
-        shards = [tuple(p.shape) for p in group["params"] if hasattr(p, "placements")]  # DTensors: FSDP2, TP
-        if group["sinkgd"] and not_matrices:
-            raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put them in a group "
-                             "with sinkgd=False (AdamW), e.g. via sinkgd_param_groups()")
-        if group["sinkgd"] and shards:
-            raise ValueError(f"SinkGD groups take whole matrices, got DTensor shards {shards} (FSDP2 or tensor "
-                             "parallel); SR-Sinkhorn needs each matrix whole: shard with DeepSpeed ZeRO instead")
-        self.matrix_shapes.append([p.shape for p in group["params"]])
+            raise ValueError("stack_bytes must be a number of bytes >= 0 or a dict of them per "
+                             f"device type, e.g. {{'cuda': 64 << 20}}; got {stack_bytes!r}")
+        self.matrix_shapes: list[list[torch.Size]] = []  # per group: step() checks they hold
+        # fused=True is the AdamW groups' math; load_state_dict then keeps `step` on the device
+        super().__init__(params, dict(lr=lr, sinkhorn_iters=sinkhorn_iters, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, sinkgd=sinkgd,
+                                      transposed=transposed, fused=True))
+        self.skip_nonfinite, self.overflow, self.stack_bytes = skip_nonfinite, False, stack_bytes
 
     @torch.no_grad()
     def step(self, closure=None):
         self._check_matrices()
         with torch.enable_grad():
             loss = closure() if closure is not None else None
-        found_inf = self._found_inf()
+        found_inf = self._found_inf()  # 1.0 on the device if any gradient is not finite
         for group in self.param_groups:
             (self._sinkgd_update if group["sinkgd"] else self._adamw_update)(group, found_inf)
-        self.overflow = found_inf is not None and bool(found_inf)  # the step's one host sync, after its kernels
+        self.overflow = found_inf is not None and bool(found_inf)  # the one host sync, last
         if self.overflow and not self.skip_nonfinite:
             raise FloatingPointError("SinkGD.step: non-finite gradient, no weight was updated")
         return loss
 
-    def _check_matrices(self) -> None:
-        """A wrapper (DeepSpeed ZeRO, FSDP1) may have swapped a group's matrices for flat pieces since it was made."""
-        for group, shapes in zip(self.param_groups, self.matrix_shapes):
-            if group["sinkgd"] and [p.shape for p in group["params"]] != shapes:
-                raise RuntimeError(f"SinkGD: matrices {[tuple(s) for s in shapes][:3]} became tensors shaped "
-                                   f"{[tuple(p.shape) for p in group['params']][:3]}; SR-Sinkhorn of flat or sharded "
-                                   "pieces is sign descent, not Alg. 3: under DeepSpeed use sinkgd_zero.ZeroSinkGD")
-
-    def _found_inf(self) -> Tensor | None:
-        """1.0 on the device if a gradient is not finite, else 0.0: by min and max, which NaN reaches and which,
-        unlike a norm, cannot overflow."""
-        extremes = [x for group in self.param_groups for p in group["params"]
-                    if p.grad is not None and p.grad.numel() for x in torch.aminmax(p.grad)]
-        return torch.stack(extremes).isfinite().all().logical_not().float() if extremes else None
-
     def _sinkgd_update(self, group: dict, found_inf: Tensor | None) -> None:
-        by_shape, stacks = defaultdict(list), []
-        for p in (p for p in group["params"] if p.grad is not None):
-            by_shape[p.shape, p.grad.dtype, p.device].append(p)
-        for (shape, dtype, device), same in by_shape.items():
-            budget = self.stack_bytes.get(device.type, 0) if isinstance(self.stack_bytes, dict) else self.stack_bytes
-            k = max(1, budget // (same[0].numel() * (dtype.itemsize + 4)))
-            stacks += [same[i:i + k] for i in range(0, len(same), k)]
-        if not stacks:
-            return
-        workspace = torch.empty(max(len(s) * s[0].numel() for s in stacks), dtype=work_dtype(stacks[0][0].grad),
-                                device=stacks[0][0].device)  # X of each stack in turn
-        experts = group.get("experts")  # a 2-D stack of this many experts, flattened along its rows (e.g. DBRX)
+        experts = group.get("experts")  # E experts flattened along the rows (DBRX)
 
         def as_paper(t):  # (..., out features, in features), each expert its own matrix
             t = t.view(experts, -1, t.shape[-1]) if experts else t
             return t.mT if group["transposed"] else t
+        stacks, workspace = self._stacks(group)  # workspace: X of each stack in turn
         for stack in stacks:
             grads = [as_paper(p.grad) for p in stack]
-            G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n); a lone one: no copy
+            G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n)
             X = sr_sinkhorn(G, group["sinkhorn_iters"], out=workspace[:G.numel()].view(G.shape))
             self._apply([as_paper(p) for p in stack], X, group, found_inf)
             del G  # before the next stack's copy is made
 
     @staticmethod
-    def _apply(weights: list[Tensor], updates: Tensor, group: dict, found_inf: Tensor | None) -> None:
-        """weights[i] -= lr * updates[i] after decoupled weight decay, none of it on a skipped step."""
+    def _apply(weights: list[Tensor], X: Tensor, group: dict, found_inf: Tensor | None) -> None:
+        """W <- (1 - lr * weight_decay) W - lr * X for each weight; nothing on a skipped step."""
         lr, weight_decay = group["lr"], group["weight_decay"]
         if found_inf is not None:
-            updates.masked_fill_(found_inf > 0, 0.0)
+            X.masked_fill_(found_inf > 0, 0.0)
         if weight_decay:
-            torch._foreach_mul_(weights, 1 - lr * weight_decay * (1 if found_inf is None else 1 - found_inf))
-        torch._foreach_add_(weights, updates.unbind(0), alpha=-lr)
+            keep = 1 if found_inf is None else 1 - found_inf  # 0 on a skipped step
+            torch._foreach_mul_(weights, 1 - lr * weight_decay * keep)
+        torch._foreach_add_(weights, X.unbind(0), alpha=-lr)
 
     def _adamw_update(self, group: dict, found_inf: Tensor | None) -> None:
+        """torch.optim.AdamW(fused=True)'s math, on its state, made on first use."""
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:  # torch.optim.AdamW(fused=True)'s state, made on first use
+        for p in params:
             self.state[p] = self.state[p] or dict(step=torch.zeros((), device=p.device),
-                                                  exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                                                  exp_avg=torch.zeros_like(p),
+                                                  exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-              [], [s["step"] for s in states], fused=True, found_inf=found_inf, amsgrad=False,
-              beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+              [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
+              found_inf=found_inf, amsgrad=False, beta1=group["betas"][0],
+              beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
               eps=group["eps"], maximize=False)
+
+    # -----------------------------------------------------------------------------------------
+    # Below Alg. 4: the stacks, the checks of what a step is given, the finiteness flag.
+
+    def _stacks(self, group: dict) -> tuple[list[list[Tensor]], Tensor | None]:
+        """The matrices with gradients, by shape, dtype and device, in stacks of at most
+        stack_bytes of gradient copy and float32 X each (at least one matrix); and a workspace."""
+        by_shape, stacks = defaultdict(list), []
+        for p in (p for p in group["params"] if p.grad is not None):
+            by_shape[p.shape, p.grad.dtype, p.device].append(p)
+        for (shape, dtype, device), same in by_shape.items():
+            budget = self.stack_bytes
+            budget = budget.get(device.type, 0) if isinstance(budget, dict) else budget
+            k = max(1, budget // (same[0].numel() * (dtype.itemsize + 4)))
+            stacks += [same[i:i + k] for i in range(0, len(same), k)]
+        if not stacks:
+            return [], None
+        first = stacks[0][0]
+        return stacks, torch.empty(max(len(s) * s[0].numel() for s in stacks),
+                                   dtype=work_dtype(first.grad), device=first.device)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
+        shards = [tuple(p.shape) for p in group["params"] if hasattr(p, "placements")]  # DTensors
+        if group["sinkgd"] and not_matrices:
+            raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put "
+                             "them in a group with sinkgd=False (AdamW), e.g. via "
+                             "sinkgd_param_groups()")
+        if group["sinkgd"] and shards:
+            raise ValueError(f"SinkGD groups take whole matrices, got DTensor shards {shards} "
+                             "(FSDP2 or tensor parallel); SR-Sinkhorn needs each matrix whole: "
+                             "shard with DeepSpeed ZeRO instead")
+        self.matrix_shapes.append([p.shape for p in group["params"]])
+
+    def _check_matrices(self) -> None:
+        """A wrapper (DeepSpeed ZeRO, FSDP1) may have made a group's matrices flat pieces."""
+        for group, shapes in zip(self.param_groups, self.matrix_shapes):
+            now = [tuple(p.shape) for p in group["params"]]
+            if group["sinkgd"] and now != [tuple(s) for s in shapes]:
+                raise RuntimeError(f"SinkGD: matrices {[tuple(s) for s in shapes][:3]} became "
+                                   f"tensors shaped {now[:3]}; SR-Sinkhorn of flat or sharded "
+                                   "pieces is sign descent, not Alg. 3: under DeepSpeed use "
+                                   "sinkgd_zero.ZeroSinkGD")
+
+    def _found_inf(self) -> Tensor | None:
+        """1.0 on the device if a gradient is not finite, else 0.0; by min and max, not a norm."""
+        extremes = [x for group in self.param_groups for p in group["params"]
+                    if p.grad is not None and p.grad.numel() for x in torch.aminmax(p.grad)]
+        return torch.stack(extremes).isfinite().all().logical_not().float() if extremes else None

@@ -1,23 +1,25 @@
-"""The paper's split of a model's parameters (arXiv 2502.06742: SinkGD for the transformer blocks' linear maps, AdamW
-for the embedding, norms and head), for models nobody here wrote: routers, expert stacks, encoder-decoders, and
-`layouts` for what the rule cannot know. `sinkgd` re-exports it."""
+"""The paper's split of a model's parameters (arXiv 2502.06742): SinkGD for the transformer blocks'
+linear maps, AdamW for the embedding, norms and head. For models nobody here wrote too: routers,
+expert stacks, encoder-decoders, and `layouts` for what the rule cannot know. `sinkgd` re-exports
+it."""
 import fnmatch
 import warnings
 from collections import defaultdict
 
 from torch import Tensor, nn
 
-
-# The number of experts in transformers' configs (DBRX's in its ffn_config): a Linear with that many outputs routes.
+# The number of experts in transformers' configs (DBRX's is in its ffn_config). A Linear with
+# that many outputs is a router.
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def expert_counts(config) -> set[int]:
-    """The expert counts a model's config (or any of its sub-configs) states; none without a config."""
+    """The expert counts a model's config (or any of its sub-configs) states; none without one."""
     found, pending = set(), [config]
     while pending:
         config = pending.pop()
-        for key, value in (config if isinstance(config, dict) else getattr(config, "__dict__", {})).items():
+        fields = config if isinstance(config, dict) else getattr(config, "__dict__", {})
+        for key, value in fields.items():
             if key in EXPERT_COUNT_KEYS and isinstance(value, int):
                 found.add(value)
             elif isinstance(value, dict) or hasattr(value, "to_dict"):
@@ -25,32 +27,39 @@ def expert_counts(config) -> set[int]:
     return found
 
 
-# What `layouts` may declare for a parameter: how its gradient is laid out (stacked experts or one matrix, stored
-# (out, in) or (in, out)), or that AdamW takes it.
-LAYOUTS = {"out_in": (2, False), "in_out": (2, True), "experts_out_in": (3, False), "experts_in_out": (3, True),
-           "adamw": (None, None)}
+# What `layouts` may declare for a parameter: layout -> (its dimensions, stored (..., in, out)).
+# Stacked experts or one matrix, stored (out, in) or (in, out); or that AdamW takes it.
+LAYOUTS = {"out_in": (2, False), "in_out": (2, True),
+           "experts_out_in": (3, False), "experts_in_out": (3, True), "adamw": (None, None)}
 
 
 def routes(weight: Tensor, transposed: bool, experts: set[int]) -> bool:
-    """A router or gate: a matrix with one row or one column (SR-Sinkhorn of it is sign(G)), or one with as many
-    outputs as the model has experts."""
+    """A router or gate: a matrix with one row or one column (SR-Sinkhorn of it is sign(G)), or
+    one with as many outputs as the model has experts."""
     outputs = weight.shape[-1] if transposed else weight.shape[-2]
     return min(weight.shape[-2:]) == 1 or weight.dim() == 2 and outputs in experts
 
 
-def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], lr: float, alpha: float = 0.05,
-                        weight_decay: float = 0.0, layouts: dict[str, str] | None = None) -> list[dict]:
-    """The paper's split. SinkGD, at lr alpha * lr, takes every linear-map weight inside `blocks` (the transformer
-    layers; a list for several stacks, e.g. an encoder's and a decoder's) except routers and gates: nn.Linear (out,
-    in), transformers' Conv1D (GPT-2; (in, out)), and 3-D expert stacks whose module says how they are stored
-    (transformers 5's is_transposed: (experts, in, out), else (experts, out, in)); a router or gate is a matrix with
-    one row or one column (SR-Sinkhorn of it is sign(G)) or with as many outputs as the model's config has experts.
-    AdamW, at lr, takes all else (embedding, norms, biases, head, routers) and what in `blocks` may be an expert
-    stack of unknown layout (3-D, or 2-D outside nn.Linear with a multiple of the experts as rows), which a warning
-    names. By module role, not by dim() == 2: the embedding and head are matrices.
+def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], lr: float,
+                        alpha: float = 0.05, weight_decay: float = 0.0,
+                        layouts: dict[str, str] | None = None) -> list[dict]:
+    """The paper's split. SinkGD, at lr alpha * lr, takes every linear-map weight inside `blocks`
+    (the transformer layers; a list for several stacks, e.g. an encoder's and a decoder's) except
+    routers and gates:
+      - nn.Linear, (out, in);
+      - transformers' Conv1D (GPT-2), (in, out);
+      - 3-D expert stacks whose module says how they are stored: transformers 5's is_transposed,
+        (experts, in, out); else (experts, out, in).
+    A router or gate is a matrix with one row or one column (SR-Sinkhorn of it is sign(G)), or
+    with as many outputs as the model's config has experts. AdamW, at lr, takes all else
+    (embedding, norms, biases, head, routers). It also takes what in `blocks` may be an expert
+    stack of unknown layout (3-D, or 2-D outside nn.Linear with a multiple of the experts as
+    rows), which a warning names. The rule goes by module role, not by dim() == 2: the embedding
+    and head are matrices too.
 
-    layouts: {parameter name or fnmatch pattern: one of LAYOUTS}, for what the rule cannot know; e.g. Llama4's
-    experts, applied as x @ W: {"*.experts.*_proj": "experts_in_out"}. It overrides the rule, anywhere in `model`."""
+    layouts: {parameter name or fnmatch pattern: one of LAYOUTS}, for what the rule cannot know;
+    e.g. Llama4's experts, applied as x @ W: {"*.experts.*_proj": "experts_in_out"}. It overrides
+    the rule, anywhere in `model`."""
     by_id = {id(p): (name, p) for name, p in model.named_parameters()}
     blocks = [blocks] if isinstance(blocks, nn.Module) else list(blocks)
     inside = {id(m) for block in blocks for m in block.modules()}
@@ -58,13 +67,16 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
         raise ValueError("sinkgd_param_groups: `blocks` must be submodules of `model`")
     ends = [getattr(model, f"get_{end}_embeddings", lambda: None)() for end in ("input", "output")]
     if any(id(end) in inside for end in ends if end is not None):
-        raise ValueError("sinkgd_param_groups: `blocks` holds the model's embedding or output head, which AdamW takes; "
-                         "pass the module(s) holding the transformer layers, e.g. model.model.layers")
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied head is one too
+        raise ValueError("sinkgd_param_groups: `blocks` holds the model's embedding or output "
+                         "head, which AdamW takes; pass the module(s) holding the transformer "
+                         "layers, e.g. model.model.layers")
+    # A weight shared with an embedding (a tied head) is never a SinkGD matrix
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     experts = expert_counts(getattr(model, "config", None))
-    found, unknown = {}, []  # id -> (weight, stored (..., in, out)); possible expert stacks of unknown layout
+    found = {}  # id -> (weight, stored (..., in, out), or None if unknown)
+    unknown = []  # weights that may be expert stacks of unknown layout
     for module in (m for block in blocks for m in block.modules()):
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's Conv1D: x W + b, W (in, out)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             found[id(module.weight)] = module.weight, not isinstance(module, nn.Linear)
         elif not isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding)):
             for p in module.parameters(recurse=False):
@@ -77,25 +89,28 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
             del found[key]
         elif transposed is None:
             unknown.append(found.pop(key)[0])
-    declared, flattened = declared_layouts(model, layouts or {}, experts)  # flattened: id -> number of experts
+    # flattened: id -> the number of experts a declared 2-D stack holds
+    declared, flattened = declared_layouts(model, layouts or {}, experts)
     for key, layout in declared.items():
         found.pop(key, None)
         if layout != "adamw":
             found[key] = by_id[key][1], LAYOUTS[layout][1]
     if unknown := [by_id[id(p)][0] for p in unknown if id(p) not in declared]:
-        warnings.warn(f"sinkgd_param_groups: AdamW for {', '.join(unknown)}: expert stacks of unknown layout (3-D, or "
-                      "2-D outside nn.Linear with a multiple of the experts as rows); say which with layouts={name: "
-                      "'experts_out_in' | 'experts_in_out' | 'adamw'}")
+        warnings.warn(f"sinkgd_param_groups: AdamW for {', '.join(unknown)}: expert stacks of "
+                      "unknown layout (3-D, or 2-D outside nn.Linear with a multiple of the "
+                      "experts as rows); say which with layouts={name: 'experts_out_in' | "
+                      "'experts_in_out' | 'adamw'}")
     matrices = [(p, t) for p, t in found.values() if p.requires_grad]
     if not matrices:
-        raise ValueError(f"sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside the given "
-                         f"{', '.join(type(b).__name__ for b in blocks)}; pass the module that holds the transformer "
-                         "layers")
-    by_layout = defaultdict(list)  # (stored (..., in, out), experts a 2-D stack is flattened from, or 0) -> weights
+        raise ValueError("sinkgd_param_groups: no nn.Linear, Conv1D or 3-D expert weight inside "
+                         f"the given {', '.join(type(b).__name__ for b in blocks)}; pass the "
+                         "module that holds the transformer layers")
+    # (stored (..., in, out), experts a 2-D stack is flattened from, or 0) -> weights
+    by_layout = defaultdict(list)
     for p, transposed in matrices:
         by_layout[transposed, flattened.get(id(p), 0)].append(p)
-    groups = [dict(params=params, sinkgd=True, transposed=transposed, lr=alpha * lr, weight_decay=weight_decay)
-              | (dict(experts=stacked) if stacked else {})
+    groups = [dict(params=params, sinkgd=True, transposed=transposed, lr=alpha * lr,
+                   weight_decay=weight_decay) | (dict(experts=stacked) if stacked else {})
               for (transposed, stacked), params in sorted(by_layout.items())]
     chosen = {id(p) for p, _ in matrices}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
@@ -103,41 +118,52 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
 
 
 def describe_split(model: nn.Module, groups: list[dict]) -> str:
-    """One line: how many tensors and parameters each optimizer gets, by kind: SinkGD's matrices and expert stacks,
-    AdamW's routers and gates (as the split finds them) and the rest."""
+    """One line: how many tensors and parameters each optimizer gets, by kind: SinkGD's matrices
+    and expert stacks, AdamW's routers and gates (as the split finds them) and the rest."""
     experts = expert_counts(getattr(model, "config", None))
-    kinds = {"SinkGD": {"matrices": [], "expert stacks": []}, "AdamW": {"routers and gates": [], "other tensors": []}}
+    kinds = {"SinkGD": {"matrices": [], "expert stacks": []},
+             "AdamW": {"routers and gates": [], "other tensors": []}}
     for group in groups:
         for p in group["params"]:
             if group.get("sinkgd", True):
-                kinds["SinkGD"]["matrices" if p.dim() == 2 and not group.get("experts") else "expert stacks"].append(p)
+                whole = p.dim() == 2 and not group.get("experts")
+                kinds["SinkGD"]["matrices" if whole else "expert stacks"].append(p)
             elif p.dim() == 2 and routes(p, False, experts):
                 kinds["AdamW"]["routers and gates"].append(p)
             else:
                 kinds["AdamW"]["other tensors"].append(p)
     counts = {optimizer: [f"{len(ps)} {kind} ({sum(p.numel() for p in ps) / 1e6:.2f}M params)"
-                          for kind, ps in by_kind.items() if ps] for optimizer, by_kind in kinds.items()}
-    return " | ".join(f"{optimizer} {', '.join(parts)}" for optimizer, parts in counts.items() if parts)
+                          for kind, ps in by_kind.items() if ps]
+              for optimizer, by_kind in kinds.items()}
+    return " | ".join(f"{optimizer} {', '.join(parts)}" for optimizer, parts in counts.items()
+                      if parts)
 
 
-def declared_layouts(model: nn.Module, layouts: dict[str, str], experts: set[int]) -> tuple[dict, dict]:
-    """id(parameter) -> layout, for each parameter of `model` whose name matches a key of `layouts` (every key must
-    match one, and its layout fit the parameter's dimensions), and id -> number of experts for the 2-D parameters
-    declared expert stacks: flattened along the rows, by the one expert count of the config that divides them."""
+def declared_layouts(model: nn.Module, layouts: dict[str, str],
+                     experts: set[int]) -> tuple[dict, dict]:
+    """id(parameter) -> layout, for each parameter of `model` whose name matches a key of
+    `layouts` (every key must match one, and its layout fit the parameter's dimensions); and
+    id -> number of experts for the 2-D parameters declared expert stacks: flattened along the
+    rows, by the one expert count of the config that divides them."""
     declared, flattened = {}, {}
     for pattern, layout in layouts.items():
         if layout not in LAYOUTS:
-            raise ValueError(f"sinkgd_param_groups: layouts[{pattern!r}] = {layout!r}; choose one of {list(LAYOUTS)}")
-        matched = [(name, p) for name, p in model.named_parameters() if fnmatch.fnmatchcase(name, pattern)]
+            raise ValueError(f"sinkgd_param_groups: layouts[{pattern!r}] = {layout!r}; choose one "
+                             f"of {list(LAYOUTS)}")
+        matched = [(name, p) for name, p in model.named_parameters()
+                   if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(f"sinkgd_param_groups: layouts names {pattern!r}, which matches no parameter of the model")
+            raise ValueError(f"sinkgd_param_groups: layouts names {pattern!r}, which matches no "
+                             "parameter of the model")
         for name, p in matched:
-            counts = [e for e in experts if p.dim() == 2 and layout.startswith("experts") and p.shape[0] % e == 0]
+            counts = [e for e in experts
+                      if p.dim() == 2 and layout.startswith("experts") and p.shape[0] % e == 0]
             if len(counts) == 1:
                 flattened[id(p)] = counts[0]
             elif LAYOUTS[layout][0] not in (None, p.dim()):
-                raise ValueError(f"sinkgd_param_groups: layouts makes {name} {layout}, but it is {p.dim()}-D" + (
-                    " and the model's config states no one number of experts that divides its rows"
-                    if p.dim() == 2 else ""))
+                why = (" and the model's config states no one number of experts that divides its "
+                       "rows" if p.dim() == 2 else "")
+                raise ValueError(f"sinkgd_param_groups: layouts makes {name} {layout}, but it is "
+                                 f"{p.dim()}-D{why}")
             declared[id(p)] = layout
     return declared, flattened

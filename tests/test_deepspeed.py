@@ -20,7 +20,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 import checkpoint  # noqa: E402
 import prepare_c4  # noqa: E402
 import train  # noqa: E402
-from common import REPO, env_without_hub_client, launcher, read_metrics, train_driver  # noqa: E402
+from common import REPO, TRAIN_DRIVER, env_without_hub_client, launcher, read_metrics, train_driver  # noqa: E402
 from model import CONFIGS, Llama  # noqa: E402
 from sinkgd_zero import ZeroSinkGD  # noqa: E402
 from tools import export_hf  # noqa: E402
@@ -148,6 +148,47 @@ def test_micro_batch_size_does_not_change_the_run(ranks, micro_batch_size, data_
     weights = (deepspeed_weights(tmp_path / "out", 2, "step_00000003") if ranks
                else torch.load(tmp_path / "out" / "ckpt_00000003.pt", weights_only=True)["model"])
     assert_same_training(metrics, weights, *single_process("sinkgd"), tol=1e-5)
+
+
+# A researcher's edit of Alg. 3 at the one place sinkgd.py names for it, sinkgd.sinkhorn: end on the rows, one more
+# row normalization after the L iterations. Inserted before the function's return.
+END_ON_THE_ROWS = "    u = torch.div(n, sums.rows(v)).nan_to_num_(posinf=0.0)  # edited: end on the rows\n"
+
+
+def test_an_edit_of_sinkhorn_changes_one_process_and_zero_alike(data_dir, tmp_path):
+    """sinkgd.py with END_ON_THE_ROWS, put ahead of the repository on sys.path: its sr_sinkhorn is the edited
+    algorithm (against the float64 reference with its rows normalized last), and SinkGD on one process and
+    ZeroSinkGD at ZeRO-2 (ds_config.json as shipped) on 2 ranks both train with it: equal to each other, and more
+    than 10 times the tolerance away from the unedited run (all at L = 1; measured: 1e-3). A second copy of the
+    iteration under ZeRO would fail this."""
+    import importlib.util
+    from test_sinkgd import assert_entrywise, reference, uneven
+
+    source = (REPO / "sinkgd.py").read_text()
+    assert source.count("\n    return u, v\n") == 1, "sinkgd.sinkhorn's return moved: update END_ON_THE_ROWS' anchor"
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "sinkgd.py").write_text(source.replace("\n    return u, v\n", f"\n{END_ON_THE_ROWS}    return u, v\n"))
+    spec = importlib.util.spec_from_file_location("sinkgd_edited", edited / "sinkgd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = uneven(9, 6)
+    x = reference(g, 1)
+    assert_entrywise(module.sr_sinkhorn(g, 1), x * math.sqrt(x.shape[1]) / x.norm(dim=1, keepdim=True), 1e-13)
+
+    driver = tmp_path / "edited_driver.py"  # train.py, importing the edited sinkgd.py first
+    driver.write_text(TRAIN_DRIVER.replace(f"sys.path.insert(0, {str(REPO)!r})",
+                                           f"sys.path[:0] = [{str(edited)!r}, {str(REPO)!r}]"))
+    args = ARGS + ["--data_dir", str(data_dir), "--sinkhorn_iters", "1"]  # L = 1: ending on rows matters most
+    one = run(args, tmp_path / "one", script=driver)
+    one_weights = torch.load(tmp_path / "one" / "ckpt_00000003.pt", weights_only=True)["model"]
+    zero = run(args + ["--deepspeed_config", str(SHIPPED_CONFIG)], tmp_path / "zero", ranks=2, script=driver)
+    zero_weights = deepspeed_weights(tmp_path / "zero", 2, "step_00000003")
+    assert_same_training(zero, zero_weights, one, one_weights, tol=1e-5)
+    run(args, tmp_path / "unedited")
+    unedited = torch.load(tmp_path / "unedited" / "ckpt_00000003.pt", weights_only=True)["model"]
+    with pytest.raises(AssertionError, match="relative difference"):  # the edit is what they follow
+        assert_same_training(one, one_weights, one, unedited, tol=1e-4)
 
 
 def clipped_reference(data_dir, grad_clip, exact_norm=False):

@@ -9,20 +9,18 @@ torch.optim.AdamW(fused=True), the fastest torch AdamW, measured in the same run
 bytes; transient = peak extra memory during a step beyond weights, grads and state (CUDA: allocator peak; CPU: peak
 RSS of a fresh process per optimizer, page-granular).
 
-This file also holds the paper's Alg. 1 (MultiNorm) written plainly, with SR-Sinkhorn and SWAN as its instances:
-SWAN is the baseline whose cost SinkGD removes, and the tests check the plain SR-Sinkhorn and sinkgd.sr_sinkhorn
-against the same float64 reference.
+This file also holds the paper's Alg. 1 (MultiNorm) written plainly, with SR-Sinkhorn (the projections of
+sinkgd.sr_sinkhorn_paper) and SWAN as its instances: SWAN is the baseline whose cost SinkGD removes.
 """
 import argparse
 import json
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from model import CONFIGS
-from sinkgd import SinkGD
+from sinkgd import SinkGD, normalize_columns, normalize_rows
 from tools.common import device_name, in_fresh_process, interleaved_medians, proc_status_bytes, reset_peak_rss, sync
 
 # --------------------------------------------------------------------------------------------------
@@ -40,15 +38,10 @@ def multinorm(grad: Tensor, projections: list[Callable[[Tensor], Tensor]], num_i
     return x
 
 
-def normalize_rows(x: Tensor) -> Tensor:
-    """Every row to l2 norm sqrt(n) (a zero row stays zero)."""
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x * torch.where(norms > 0, math.sqrt(x.shape[1]) / norms, 0.0)
-
-
-def normalize_columns(x: Tensor) -> Tensor:
-    """Every column to l2 norm sqrt(m) (a zero column stays zero)."""
-    return normalize_rows(x.T).T
+def sr_sinkhorn_multinorm(grad: Tensor, num_iters: int = 5) -> Tensor:
+    """SR-Sinkhorn as MultiNorm with projections [normalize rows, normalize columns], L passes: the steps
+    of sinkgd.sr_sinkhorn_paper."""
+    return multinorm(grad, [normalize_rows, normalize_columns], num_iters)
 
 
 def standardize_rows(x: Tensor) -> Tensor:
