@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.adamw import adamw
 
@@ -92,22 +93,39 @@ def rebuild_(B: Tensor, u: Tensor, v: Tensor, G: Tensor) -> Tensor:  # u (.., m,
     return B.mul_(u).mul_(v).sqrt_().copysign_(G)
 
 
-def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None) -> Tensor:
+class Split(NamedTuple):
+    """Where a piece of a matrix held over ranks (a DTensor's shard) lies: across_rows(t, op) and
+    across_cols(t, op) reduce t in place, "sum" or "max", over the ranks holding the matrix's
+    other rows and other columns, and return it; (m, n) is the whole matrix's shape."""
+    across_rows: Callable[[Tensor, str], Tensor]
+    across_cols: Callable[[Tensor, str], Tensor]
+    m: int
+    n: int
+
+
+def whole(t: Tensor, op: str) -> Tensor:  # the reduction of a matrix held whole: none
+    return t
+
+
+def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None,
+                split: Split | None = None) -> Tensor:
     """Alg. 3 of every trailing (m, n) matrix of grad, like sr_sinkhorn_paper, in float32
-    (float64 if grad is). X is written into `out` (contiguous, grad's shape) when given."""
+    (float64 if grad is). X is written into `out` (contiguous, grad's shape) when given.
+    split: grad's matrices are pieces of larger ones, held over ranks."""
     if grad.dim() < 2:
         raise ValueError("sr_sinkhorn expects a matrix or a stack of matrices, got shape "
                          f"{tuple(grad.shape)}")
-    m, n = grad.shape[-2:]
-    G = grad.reshape(-1, m, n)  # (k, m, n), a view for the layouts SinkGD passes
+    across_rows, across_cols, m, n = split or (whole, whole, *grad.shape[-2:])
+    G = grad.reshape(-1, *grad.shape[-2:])  # (k, m, n) here, a view for SinkGD's layouts
     out = None if out is None else out.view(G.shape)
     # 1. prescale: B = (G / row max)^2, (k, m, n)
-    B = prescale(G, row_abs_max(G)[..., None], out=out)
+    B = prescale(G, across_cols(row_abs_max(G), "max")[..., None], out=out)
     # 2. iterate, on u (k, 1, m) and v (k, 1, n) as row vectors: v B^T is the CPU's fast bmm
     B_t = B.mT
-    sums = Sums(rows=lambda v: torch.bmm(v, B_t), cols=lambda u: torch.bmm(u, B),
-                col_max=lambda s: s.amax(dim=-1, keepdim=True))  # a gauge per matrix
-    u, v = sinkhorn(sums, B.new_ones(len(B), 1, n), n, m, num_iters)
+    sums = Sums(rows=lambda v: across_cols(torch.bmm(v, B_t), "sum"),
+                cols=lambda u: across_rows(torch.bmm(u, B), "sum"),
+                col_max=lambda s: across_cols(s.amax(dim=-1, keepdim=True), "max"))  # per matrix
+    u, v = sinkhorn(sums, B.new_ones(len(B), 1, G.shape[-1]), n, m, num_iters)
     # 3. rebuild: X = sqrt(u B v) with G's signs
     return rebuild_(B, u.mT, v, G).view(grad.shape)
 
@@ -127,7 +145,8 @@ class SinkGD(torch.optim.Optimizer):
     Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (bytes,
     or a dict per device type). Products follow torch.set_float32_matmul_precision ("high" or
     "medium" leave ~1e-3 in X). A non-finite gradient raises FloatingPointError, or with
-    skip_nonfinite=True sets `overflow`; either way no weight or AdamW state changes."""
+    skip_nonfinite=True sets `overflow`; either way no weight or AdamW state changes.
+    DTensor parameters (FSDP2, tensor parallel) are stepped exactly, shard by shard (below)."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True,
@@ -168,10 +187,11 @@ class SinkGD(torch.optim.Optimizer):
             return t.mT if group["transposed"] else t
         stacks, workspace = self._stacks(group)  # workspace: X of each stack in turn
         for stack in stacks:
-            grads = [as_paper(p.grad) for p in stack]
+            grads = [as_paper(local(p.grad)) for p in stack]  # local: a DTensor's shard
             G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n)
-            X = sr_sinkhorn(G, group["sinkhorn_iters"], out=workspace[:G.numel()].view(G.shape))
-            self._apply([as_paper(p) for p in stack], X, group, found_inf)
+            X = sr_sinkhorn(G, group["sinkhorn_iters"], workspace[:G.numel()].view(G.shape),
+                            split_of(stack[0]))
+            self._apply([as_paper(local(p)) for p in stack], X, group, found_inf)
             del G  # before the next stack's copy is made
 
     @staticmethod
@@ -193,8 +213,9 @@ class SinkGD(torch.optim.Optimizer):
                                                   exp_avg=torch.zeros_like(p),
                                                   exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-              [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
+        adamw([local(p) for p in params], [local(p.grad) for p in params],
+              [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states], [],
+              [s["step"] for s in states], fused=True,
               found_inf=found_inf, amsgrad=False, beta1=group["betas"][0],
               beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
               eps=group["eps"], maximize=False)
@@ -207,32 +228,45 @@ class SinkGD(torch.optim.Optimizer):
         stack_bytes of gradient copy and float32 X each (at least one matrix); and a workspace."""
         by_shape, stacks = defaultdict(list), []
         for p in (p for p in group["params"] if p.grad is not None):
-            by_shape[p.shape, p.grad.dtype, p.device].append(p)
-        for (shape, dtype, device), same in by_shape.items():
+            split = (tuple(p.placements), id(p.device_mesh)) if hasattr(p, "placements") else None
+            by_shape[local(p).shape, p.shape, split, p.grad.dtype, p.device].append(p)
+        for (shape, _, _, dtype, device), same in by_shape.items():
             budget = self.stack_bytes
             budget = budget.get(device.type, 0) if isinstance(budget, dict) else budget
-            k = max(1, budget // (same[0].numel() * (dtype.itemsize + 4)))
+            k = max(1, budget // (shape.numel() * (dtype.itemsize + 4)))
             stacks += [same[i:i + k] for i in range(0, len(same), k)]
         if not stacks:
             return [], None
         first = stacks[0][0]
-        return stacks, torch.empty(max(len(s) * s[0].numel() for s in stacks),
+        return stacks, torch.empty(max(len(s) * local(s[0]).numel() for s in stacks),
                                    dtype=work_dtype(first.grad), device=first.device)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
-        shards = [tuple(p.shape) for p in group["params"] if hasattr(p, "placements")]  # DTensors
         if group["sinkgd"] and not_matrices:
             raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put "
                              "them in a group with sinkgd=False (AdamW), e.g. via "
                              "sinkgd_param_groups()")
-        if group["sinkgd"] and shards:
-            raise ValueError(f"SinkGD groups take whole matrices, got DTensor shards {shards} "
-                             "(FSDP2 or tensor parallel); SR-Sinkhorn needs each matrix whole: "
-                             "shard with DeepSpeed ZeRO instead")
+        for i, p in enumerate(group["params"] if group["sinkgd"] else []):
+            self._check_shards(p, f"param group {len(self.param_groups) - 1}'s tensor {i}", group)
         self.matrix_shapes.append([p.shape for p in group["params"]])
+
+    @staticmethod
+    def _check_shards(p: Tensor, which: str, group: dict) -> None:
+        """A DTensor is read exactly where its rows and columns are whole or split: Shard and
+        Replicate placements of (out, in) matrices or (experts, out, in) stacks."""
+        placements = tuple(getattr(p, "placements", ()))
+        why = ("a Partial placement (a sum not yet reduced)" if any(
+                   placement.is_partial() for placement in placements) else
+               "shards of an (in, out) group (transposed=True)" if group["transposed"] else
+               "shards of flattened expert stacks (experts=E)" if group.get("experts") else None)
+        if placements and why:
+            raise ValueError(f"SinkGD: {which} is a DTensor, shape {tuple(p.shape)}, placements "
+                             f"{placements}, and SinkGD does not normalize {why} exactly: use "
+                             "Shard or Replicate placements of (out, in) matrices, or give it to "
+                             "AdamW (sinkgd=False)")
 
     def _check_matrices(self) -> None:
         """A wrapper (DeepSpeed ZeRO, FSDP1) may have made a group's matrices flat pieces."""
@@ -245,7 +279,48 @@ class SinkGD(torch.optim.Optimizer):
                                    "sinkgd_zero.ZeroSinkGD")
 
     def _found_inf(self) -> Tensor | None:
-        """1.0 on the device if a gradient is not finite, else 0.0; by min and max, not a norm."""
-        extremes = [x for group in self.param_groups for p in group["params"]
-                    if p.grad is not None and p.grad.numel() for x in torch.aminmax(p.grad)]
-        return torch.stack(extremes).isfinite().all().logical_not().float() if extremes else None
+        """1.0 on the device if a gradient is not finite, else 0.0; by min and max, not a norm.
+        With DTensors, the flag is the largest over all ranks: a NaN in one shard skips them all."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [local(p.grad) for p in params if local(p.grad).numel()]
+        extremes = [x for g in grads for x in torch.aminmax(g)]
+        sharded = any(hasattr(p, "placements") for p in params)
+        if not extremes and not sharded:
+            return None
+        flag = (torch.stack(extremes).isfinite().all().logical_not().float() if extremes else
+                torch.zeros((), device=params[0].device))
+        return reduce_over([dist.group.WORLD])(flag, "max") if sharded else flag
+
+
+# ---------------------------------------------------------------------------------------------
+# DTensors (FSDP2, tensor parallel): each rank holds a piece of a matrix, and Alg. 3's sums of a
+# row over the ranks that split its columns, and of a column over those that split its rows.
+
+
+def local(t: Tensor) -> Tensor:  # a DTensor's shard on this rank; any other tensor as it is
+    return t.to_local() if hasattr(t, "placements") else t
+
+
+def reduce_over(groups: list):
+    """(t, op) -> t all-reduced in place over each process group in turn; none: `whole`."""
+    def reduce(t: Tensor, op: str) -> Tensor:
+        for group in groups:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                            group=group)
+        return t
+    return reduce if groups else whole
+
+
+def split_of(p: Tensor) -> Split | None:
+    """How p's shard lies: over the mesh dimensions that split its rows (dim -2), and those that
+    split its columns (dim -1). A split of an expert stack's first dimension leaves its matrices
+    whole. Shard and FSDP2's _StridedShard have a dim; Replicate splits nothing."""
+    if not hasattr(p, "placements"):
+        return None
+    rows, cols = [], []
+    for mesh_dim, placement in enumerate(getattr(p, "placements", ())):
+        dim = getattr(placement, "dim", None)
+        if dim is not None and dim % p.dim() >= p.dim() - 2:
+            split = rows if dim % p.dim() == p.dim() - 2 else cols
+            split.append(p.device_mesh.get_group(mesh_dim))
+    return Split(reduce_over(rows), reduce_over(cols), *p.shape[-2:])
