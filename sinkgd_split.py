@@ -117,17 +117,18 @@ def sinkgd_param_groups(model: nn.Module, blocks: nn.Module | list[nn.Module], l
     return groups + [dict(params=others, sinkgd=False, lr=lr, weight_decay=weight_decay)]
 
 
-def describe_split(model: nn.Module, groups: list[dict]) -> str:
-    """One line: how many tensors and parameters each optimizer gets, by kind: SinkGD's matrices
-    and expert stacks, AdamW's routers and gates (as the split finds them) and the rest."""
+def describe_split(model: nn.Module, groups: list[dict], matrix_optimizer: str = "SinkGD") -> str:
+    """One line: how many tensors and parameters each optimizer gets, by kind: SinkGD's (or what
+    takes its groups) matrices and expert stacks, AdamW's routers and gates (as the split finds
+    them) and the rest."""
     experts = expert_counts(getattr(model, "config", None))
-    kinds = {"SinkGD": {"matrices": [], "expert stacks": []},
+    kinds = {matrix_optimizer: {"matrices": [], "expert stacks": []},
              "AdamW": {"routers and gates": [], "other tensors": []}}
     for group in groups:
         for p in group["params"]:
             if group.get("sinkgd", True):
                 whole = p.dim() == 2 and not group.get("experts")
-                kinds["SinkGD"]["matrices" if whole else "expert stacks"].append(p)
+                kinds[matrix_optimizer]["matrices" if whole else "expert stacks"].append(p)
             elif p.dim() == 2 and routes(p, False, experts):
                 kinds["AdamW"]["routers and gates"].append(p)
             else:

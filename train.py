@@ -3,23 +3,23 @@
     python train.py                                        # offline demo: tiny LLaMA, CPython docstrings
     python train.py --preset llama_60m --data_dir data/c4  # the paper's 60M recipe on one GPU
     python train.py --preset llama_60m --optimizer adamw --lr 1e-3
+    python train.py --preset llama_60m --optimizer muon --lr 1e-3    # torch.optim.Muon on the same matrices
     python train.py --out_dir out/demo --resume            # continue from the newest intact checkpoint
     deepspeed --num_gpus 8 train.py --preset llama_1b --deepspeed_config ds_config.json
 
 Options are the fields of TrainConfig, given as --key value; --preset picks a starting point; --help lists them.
 """
 import argparse
-import inspect
 import json
 import math
 import os
 import random
-import re
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,44 +35,54 @@ from sinkgd import SinkGD, describe_split, sinkgd_param_groups
 from sinkgd_zero import ZeroSinkGD
 
 
+def option(default, help: str, choices: tuple = ()):
+    """A TrainConfig field: its default, its --help text and, for some, the values it takes."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    """Every field is an option, --key value; its comments are its --help text."""
-    preset: str = "demo"  # starting values for the other options (listed below); the options given override them
-    model: str = "llama_tiny"  # a key of model.CONFIGS
-    data_dir: str = "data/demo"  # holds train_*.bin and val_*.bin from prepare_c4.py
-    out_dir: str = "out/demo"  # checkpoints and metrics.jsonl
-    optimizer: str = "sinkgd"  # sinkgd: the paper's hybrid (SinkGD on block matrices, AdamW on the rest); adamw
-    lr: float = 0.02  # global lr: AdamW's; the SinkGD matrices get alpha * lr
-    alpha: float = 0.05  # SinkGD's share of the lr (paper: 0.05)
-    sinkhorn_iters: int = 5  # L, SR-Sinkhorn's iterations per step (paper: 5)
-    weight_decay: float = 0.0  # decoupled, for every parameter: W <- (1 - lr * weight_decay) W
-    beta1: float = 0.9  # AdamW's, for the embedding, norms and head
-    beta2: float = 0.999  # AdamW's
-    adam_eps: float = 1e-8  # AdamW's
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
-    # a step whose loss or gradient is not finite is skipped (no weight, optimizer or schedule update; the data
-    # moves on) up to this many times in a run; one more stops the run. 0: stop at the first.
-    max_bad_steps: int = 0
-    batch_size: int = 512  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 32  # sequences per forward and backward on a rank; sets the memory, not the result
-    seq_len: int = 256  # tokens per sequence
-    max_steps: int = 10_000  # optimizer steps; the schedule ends here
-    warmup_frac: float = 0.1  # linear warmup over this fraction of max_steps, then cosine decay
-    min_lr_frac: float = 0.1  # ... to min_lr_frac * lr at max_steps
-    eval_interval: int = 1000  # steps between validations (and one at the end)
-    eval_tokens: int = 10_000_000  # the fixed validation budget: the first tokens of the val shards
-    log_interval: int = 10  # steps between log lines
-    ckpt_interval: int = 1000  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3  # the newest this many are kept
-    resume: bool = False  # continue from the newest intact checkpoint in out_dir
-    seed: int = 0  # for the initial weights and the data order
-    device: str = "auto"  # auto: cuda if present, else cpu
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu), float32 or bfloat16
-    compile: bool = False  # torch.compile the model
-    # DeepSpeed: set by `deepspeed train.py --deepspeed_config ds_config.json` (or torchrun)
-    deepspeed_config: str = ""
-    local_rank: int = -1  # appended by the deepspeed launcher; LOCAL_RANK is read from the environment
+    """Every field is an option, --key value, described by its help text (python train.py --help)."""
+    preset: str = option("demo", "starting values for the other options, listed below; those given override them")
+    model: str = option("llama_tiny", "a key of model.CONFIGS")
+    data_dir: str = option("data/demo", "holds train_*.bin and val_*.bin from prepare_c4.py")
+    out_dir: str = option("out/demo", "checkpoints and metrics.jsonl")
+    optimizer: str = option("sinkgd", "sinkgd: the paper's hybrid (SinkGD on block matrices, AdamW on the rest); "
+                            "adamw; muon: torch.optim.Muon on the matrices SinkGD would get, AdamW on the rest",
+                            ("sinkgd", "adamw", "muon"))
+    lr: float = option(0.02, "global lr: AdamW's, and Muon's; the SinkGD matrices get alpha * lr")
+    alpha: float = option(0.05, "SinkGD's share of the lr (paper: 0.05)")
+    sinkhorn_iters: int = option(5, "L, SR-Sinkhorn's iterations per step (paper: 5)")
+    muon_momentum: float = option(0.95, "Muon's momentum (torch's default), Nesterov")
+    muon_adjust_lr: str = option("match_rms_adamw", "Muon's lr per matrix: match_rms_adamw (Moonlight's: --lr as "
+                                 "AdamW's) or original (Keller Jordan's, torch's default; lr near 0.02)",
+                                 ("match_rms_adamw", "original"))
+    weight_decay: float = option(0.0, "decoupled, W <- (1 - lr wd) W, for every parameter (torch's Muon default: 0.1)")
+    beta1: float = option(0.9, "AdamW's, for the embedding, norms and head")
+    beta2: float = option(0.999, "AdamW's")
+    adam_eps: float = option(1e-8, "AdamW's")
+    grad_clip: float = option(0.0, "max global grad norm; 0 = off")
+    max_bad_steps: int = option(0, "steps with a non-finite loss or gradient skipped (nothing updated, the data moves "
+                                "on) in a run before one more stops it; 0: stop at the first")
+    batch_size: int = option(512, "sequences per optimizer step, over all ranks")
+    micro_batch_size: int = option(32, "sequences per forward and backward on a rank: the memory, not the result")
+    seq_len: int = option(256, "tokens per sequence")
+    max_steps: int = option(10_000, "optimizer steps; the schedule ends here")
+    warmup_frac: float = option(0.1, "linear warmup over this fraction of max_steps, then cosine decay")
+    min_lr_frac: float = option(0.1, "... to min_lr_frac * lr at max_steps")
+    eval_interval: int = option(1000, "steps between validations (and one at the end)")
+    eval_tokens: int = option(10_000_000, "the fixed validation budget: the first tokens of the val shards")
+    log_interval: int = option(10, "steps between log lines")
+    ckpt_interval: int = option(1000, "steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = option(3, "the newest this many are kept")
+    resume: bool = option(False, "continue from the newest intact checkpoint in out_dir")
+    seed: int = option(0, "for the initial weights and the data order")
+    device: str = option("auto", "auto: cuda if present, else cpu")
+    dtype: str = option("auto", "auto (bfloat16 on cuda, float32 on cpu), float32 or bfloat16",
+                        ("auto", "float32", "bfloat16"))
+    compile: bool = option(False, "torch.compile the model")
+    deepspeed_config: str = option("", "a DeepSpeed config file, e.g. ds_config.json; run under deepspeed or torchrun")
+    local_rank: int = option(-1, "appended by the deepspeed launcher; LOCAL_RANK is read from the environment")
 
 
 PRESETS = {
@@ -106,31 +116,19 @@ def boolean(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
-def field_help(cls) -> dict[str, str]:
-    """Each field's comments in the class source, as help text: the comment lines above it and the one after it."""
-    help_text, above = {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        code, _, comment = (part.strip() for part in line.partition("#"))
-        if field := re.match(r"(\w+): ", code):
-            help_text[field[1]] = " ".join(above + [comment]).strip()
-        above = [*above, comment] if comment and not code else []
-    return help_text
-
-
 def build_parser(preset: str) -> ArgumentParser:
     """--key value (or --key=value) for every TrainConfig field, its default the preset's; a bool also as --key."""
     defaults = replace(TrainConfig(), **PRESETS[preset])
     presets = "\n".join(f"  {name}: {' '.join(f'{k}={v}' for k, v in p.items())}" for name, p in PRESETS.items())
     parser = ArgumentParser(description=__doc__, epilog=f"presets (--preset NAME applies first):\n{presets}",
                             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    help_text = field_help(TrainConfig)
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         kind = boolean if f.type is bool else f.type
         extra = dict(nargs="?", const=True, metavar="{true,false}") if kind is boolean else {}
         if f.name == "preset":
             extra["choices"] = list(PRESETS)
-        description = f"{help_text[f.name]} (default: {default!r})".lstrip().replace("%", "%%")
+        description = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
         parser.add_argument(f"--{f.name}", type=kind, default=default, help=description, **extra)
     return parser
 
@@ -152,10 +150,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     model_cfg = CONFIGS.get(cfg.model)
     if model_cfg is None:
         raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(CONFIGS)}")
-    if cfg.optimizer not in ("sinkgd", "adamw"):
-        raise ConfigError(f"--optimizer must be sinkgd or adamw, got {cfg.optimizer!r}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    for f in fields(cfg):
+        if (choices := f.metadata["choices"]) and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"--{f.name} must be {', '.join(choices[:-1])} or {choices[-1]}, got "
+                              f"{getattr(cfg, f.name)!r}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if not 0 < cfg.seq_len <= model_cfg.max_position_embeddings:
@@ -166,8 +164,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           f"{cfg.micro_batch_size} x {world_size} rank(s)")
     if cfg.max_steps < 1 or cfg.sinkhorn_iters < 1:
         raise ConfigError("--max_steps and --sinkhorn_iters must be >= 1")
-    if cfg.max_bad_steps < 0:
-        raise ConfigError(f"--max_bad_steps must be >= 0, got {cfg.max_bad_steps}")
+    if cfg.max_bad_steps < 0 or cfg.muon_momentum < 0:
+        raise ConfigError(f"--max_bad_steps and --muon_momentum must be >= 0, got {cfg.max_bad_steps} and "
+                          f"{cfg.muon_momentum}")
     if Path(cfg.out_dir).resolve() == Path.cwd().resolve():
         raise ConfigError("--out_dir must not be the current directory: checkpoints are pruned there")
 
@@ -177,12 +176,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 
 def build_optimizer(cfg: TrainConfig, model: Llama, optimizer_class=SinkGD) -> SinkGD:
-    """The paper's split (SinkGD on the block matrices, AdamW on the rest), or AdamW on everything: torch's AdamW
-    math either way, and a non-finite step is skipped by the same check (see SinkGD.step)."""
+    """The paper's split (SinkGD on the block matrices, AdamW on the rest), AdamW on everything, or Muon on the
+    split's matrices: torch's fused AdamW in each, and a non-finite step skipped by the same check (SinkGD.step)."""
     if cfg.optimizer == "adamw":
         groups = [dict(params=list(model.parameters()), sinkgd=False)]
     else:
-        groups = sinkgd_param_groups(model, model.model.layers, lr=cfg.lr, alpha=cfg.alpha)
+        alpha = 1.0 if cfg.optimizer == "muon" else cfg.alpha
+        groups = sinkgd_param_groups(model, model.model.layers, lr=cfg.lr, alpha=alpha, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        from tools.muon import MuonAdamW
+        optimizer_class = partial(MuonAdamW, momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr)
     return optimizer_class(groups, lr=cfg.lr, sinkhorn_iters=cfg.sinkhorn_iters, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, skip_nonfinite=True)
 
@@ -198,8 +201,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 class LocalEngine(nn.Module):
     """One process, behind the part of DeepSpeed's engine interface that train() uses: forward, backward(loss), and
-    step(), which after the last micro-batch of a batch clips, steps the optimizer and, if it applied the step (it
-    skips a non-finite one, see SinkGD), the schedule; was_step_applied() says which."""
+    step(), which after a batch's last micro-batch clips, steps the optimizer and, unless it skipped a non-finite
+    step (was_step_applied() says), the schedule."""
 
     def __init__(self, model: nn.Module, optimizer: SinkGD, scheduler, accumulation: int, grad_clip: float, compile):
         super().__init__()
@@ -230,16 +233,13 @@ class LocalEngine(nn.Module):
 
     # A checkpoint as zero.save and zero.resume write and read DeepSpeed's: the loop's state plus the engine's.
     def save(self, out_dir: Path, step: int, state: dict, keep: int) -> None:
-        engine_state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}
-        checkpoint.save(out_dir, step, state | engine_state, keep)
+        parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        checkpoint.save(out_dir, step, state | {k: part.state_dict() for k, part in parts.items()}, keep)
 
     def resume(self, out_dir: Path) -> dict | None:
-        state = checkpoint.load_latest(out_dir)
-        if state is not None:
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+        if (state := checkpoint.load_latest(out_dir)) is not None:
+            for part, key in ((self.module, "model"), (self.optimizer, "optimizer"), (self.scheduler, "scheduler")):
+                part.load_state_dict(state[key])
         return state
 
 
@@ -279,11 +279,8 @@ def memory_record(device: torch.device) -> dict:
     show slow growth over a long run; None off Linux), in MiB."""
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        rss = None
+    statm = Path("/proc/self/statm")
+    rss = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20 if statm.exists() else None
     return {"memory_mib": peak / 2**20, "rss_mib": rss}
 
 
@@ -300,16 +297,16 @@ def log_line(record: dict, max_steps: int) -> str:
 
 def train(cfg: TrainConfig) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     if cfg.deepspeed_config:
-        ds_config = zero.read_config(cfg.deepspeed_config)  # missing or malformed: one line, before DeepSpeed starts
+        # missing, malformed or not for this optimizer: one line, before DeepSpeed starts
+        ds_config = zero.read_config(cfg.deepspeed_config, cfg.optimizer, bf16)
         zero.init_distributed(device.type)
         device = zero.local_rank_device(device.type)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     validate(cfg, world_size)
     main_rank = rank == 0
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    # float32 matmuls stay at torch's "highest", never TF32: under bf16 the model's are bf16 anyway, and SinkGD's own
-    # (the step runs outside autocast) are then exact Alg. 3, on one device as under ZeRO.
+    # float32 matmuls stay at torch's "highest", never TF32, so that SinkGD's (outside autocast) are exact Alg. 3.
     # DeepSpeed casts the model to bf16 itself; one device uses autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not cfg.deepspeed_config)
     for seed in (torch.manual_seed, random.seed, np.random.seed):
@@ -330,7 +327,8 @@ def train(cfg: TrainConfig) -> dict:
     model = Llama(CONFIGS[cfg.model]).to(device)
     num_params = model.num_params()  # counted before ZeRO-3 partitions the weights away
     optimizer = build_optimizer(cfg, model, ZeroSinkGD if cfg.deepspeed_config else SinkGD)
-    split = describe_split(model, optimizer.param_groups)  # before ZeRO swaps the groups' tensors for partitions
+    # the split before ZeRO swaps the groups' tensors for partitions
+    split = describe_split(model, optimizer.param_groups, "Muon" if cfg.optimizer == "muon" else "SinkGD")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world_size)
     if cfg.deepspeed_config:

@@ -16,8 +16,8 @@ class ConfigFileError(ValueError):
     """A --deepspeed_config that is missing or not a JSON object."""
 
 
-def read_config(path: str) -> dict:
-    """The DeepSpeed config file, as a dict."""
+def read_config(path: str, optimizer: str = "sinkgd", bf16: bool = False) -> dict:
+    """The DeepSpeed config file, as a dict; refused for what `optimizer` cannot follow under it."""
     fix = "start from ds_config.json in this repository"
     try:
         with open(path) as f:
@@ -32,6 +32,11 @@ def read_config(path: str) -> dict:
         check_config(config)
     except ValueError as e:  # before DeepSpeed starts, which on some of these would stop with a traceback
         raise ConfigFileError(f"--deepspeed_config {path}: {e}") from None
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if optimizer == "muon" and (stage or bf16):  # DeepSpeed would hand Muon flat tensors
+        raise ConfigFileError(f"--optimizer muon needs whole matrices, which DeepSpeed gives an optimizer only at "
+                              f"ZeRO stage 0 in float32 (here: stage {stage}{', bf16' if bf16 else ''}): use stage 0 "
+                              "with --dtype float32, or one process without --deepspeed_config")
     return config
 
 

@@ -239,6 +239,18 @@ def test_grad_clip_clips_as_clip_grad_norm_on_one_process_and_under_zero(data_di
     assert_same_training(zero_metrics, zero_weights, metrics, weights, tol=3e-5)
 
 
+def test_muon_at_stage_0_equals_single_process(data_dir, single_process, tmp_path):
+    """Stage 0 in float32 hands an optimizer whole matrices, so --optimizer muon runs there (ZeRO 1-3 are refused:
+    test_train.py). One rank: Muon's Newton-Schulz in bf16 turns the ~1e-7 differences of gradients summed over 2
+    ranks into ~1e-3 differences of its update, which a 1e-5 comparison could not tell from a wrong one."""
+    args = ARGS + ["--data_dir", str(data_dir), "--optimizer", "muon", "--lr", "3e-3"]
+    metrics = run(args + ["--deepspeed_config", str(ds_config(tmp_path, 0))], tmp_path / "out")
+    weights = deepspeed_weights(tmp_path / "out", 0, "step_00000003")
+    one = run(args, tmp_path / "one")
+    one_weights = torch.load(tmp_path / "one" / "ckpt_00000003.pt", weights_only=True)["model"]
+    assert_same_training(metrics, weights, one, one_weights, tol=1e-5)
+
+
 def test_hierarchical_partitions_equal_single_process(data_dir, single_process, tmp_path):
     """ZeRO++'s hpZ (zero_hpz_partition_size) keeps a second copy of the weights partitioned within groups of 2 ranks;
     the optimizer's partitions, which ZeroSinkGD reads, stay spread over all 4."""

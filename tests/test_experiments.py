@@ -84,6 +84,8 @@ def test_memory_estimate_by_hand_for_llama_60m():
     # bf16: weights plus AdamW's two moments, for every parameter or only off the block matrices
     assert estimate["adamw_bytes"] == 2 * 3 * total == 460_901_376
     assert estimate["sinkgd_bytes"] == 2 * (total + 2 * (embedding_and_head + norms)) == 359_713_792
+    # Muon: one momentum buffer as large as the block matrices, AdamW's moments on the rest
+    assert estimate["muon_bytes"] == estimate["sinkgd_bytes"] + 2 * block_matrices == 410_307_584
 
 
 def synthetic_metrics(val_losses, tokens_per_sec, eval_interval=5, steps=50):
@@ -107,9 +109,9 @@ def test_steps_to_reach_and_effective_throughput():
     assert experiments.steps_to_reach(adamw, 6.2) == 50
     assert experiments.steps_to_reach(sinkgd, 6.2) == 25  # first evaluation at or below 6.2
     assert experiments.steps_to_reach(sinkgd, 5.0) is None
-    result = experiments.effective_throughput(adamw, sinkgd, adamw_tokens_per_sec=1000, sinkgd_tokens_per_sec=900)
+    result = experiments.effective_throughput(adamw, sinkgd, baseline_tokens_per_sec=1000, sinkgd_tokens_per_sec=900)
     assert result["target_val_loss"] == 6.2
-    assert (result["adamw_steps"], result["sinkgd_steps"]) == (50, 25)
+    assert (result["baseline_steps"], result["sinkgd_steps"]) == (50, 25)
     assert result["tokens_per_sec_ratio"] == pytest.approx(0.9)
     assert result["effective_throughput_ratio"] == pytest.approx(0.9 * 50 / 25)
     never = synthetic_metrics([7.0] * 10, 1000)
@@ -218,36 +220,70 @@ def test_options_reach_train_py_and_others_pass_through(tmp_path):
         experiments.main(["compare", "--data_dir", str(tmp_path), "--nonsense", "1"])
 
 
-def test_compare_aggregates_the_seeds(tmp_path, monkeypatch):
-    """compare's flow with train.py replaced by synthetic runs: AdamW's loss depends on lr and seed, SinkGD is ahead."""
+def test_compare_tunes_every_baseline_and_aggregates_the_seeds(tmp_path, monkeypatch):
+    """compare's flow with train.py replaced by synthetic runs: each baseline's loss depends on its lr (AdamW best at
+    5e-3, Muon at 1e-3, 0.1 above AdamW) and the seed; SinkGD is ahead of both."""
+    best = {"adamw": 5e-3, "muon": 1e-3}
+
     def fake_run(run_dir, args):
         cfg = train.parse_config(args + ["--out_dir", str(run_dir)])
         run_dir.mkdir(parents=True)
-        offset = 0.1 * cfg.seed + (abs(math.log10(cfg.lr / 5e-3)) if cfg.optimizer == "adamw" else -0.5)
+        offset = 0.1 * cfg.seed + (-0.5 if cfg.optimizer == "sinkgd" else abs(math.log10(cfg.lr / best[cfg.optimizer]))
+                                   + 0.1 * (cfg.optimizer == "muon"))
         return synthetic_metrics([8.0 - 0.2 * k + offset for k in range(10)], 1000)
 
+    speed = {"adamw": 1000.0, "muon": 950.0, "sinkgd": 900.0}
     monkeypatch.setattr(experiments, "run_training", fake_run)
-    monkeypatch.setattr(experiments, "interleaved_tokens_per_sec", lambda variants, steps: {"adamw": 1000.0,
-                                                                                          "sinkgd": 900.0})
-    monkeypatch.setattr(experiments, "window_losses", lambda run_dir, *a: torch.linspace(
-        6.0, 7.0, 101).double().numpy() - (0.3 if "sinkgd" in run_dir.name else 0.0) + 0.01 * int(run_dir.name[-1]))
+    monkeypatch.setattr(experiments, "interleaved_tokens_per_sec", lambda variants, steps: {k: speed[k]
+                                                                                          for k in variants})
+    below = {"adamw": 0.0, "muon": 0.1, "sinkgd": 0.3}  # per-window losses below AdamW's
+    monkeypatch.setattr(experiments, "window_losses", lambda run_dir, *a: torch.linspace(6.0, 7.0, 101).double().numpy()
+                        - below[run_dir.name.split("_")[0]] + 0.01 * int(run_dir.name[-1]))
     monkeypatch.setattr(experiments, "plot_groups", lambda *a: True)
-    args, _ = experiments.parser().parse_known_args(["compare", "--out_dir", str(tmp_path), "--seeds", "3"])
+    args, _ = experiments.parser().parse_known_args(["compare", "--out_dir", str(tmp_path), "--seeds", "3",
+                                                     "--baselines", "adamw", "muon"])
     summary = experiments.compare(args, [])
-    assert summary["best_adamw_lr"] == 5e-3 and summary["best_lr_is_interior"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
-        [f"adamw_lr{lr:g}_seed0" for lr in experiments.PAPER_ADAMW_LRS] + ["adamw_lr0.005_seed1", "adamw_lr0.005_seed2"]
+        [f"{b}_lr{lr:g}_seed0" for b in best for lr in experiments.PAPER_ADAMW_LRS]
+        + [f"adamw_lr0.005_seed{s}" for s in (1, 2)] + [f"muon_lr0.001_seed{s}" for s in (1, 2)]
         + [f"sinkgd_seed{s}" for s in range(3)])
-    assert summary["adamw_final_val_loss"]["mean"] == pytest.approx(6.51)
-    assert summary["gap"]["mean"] == pytest.approx(0.3)
+    adamw, muon = summary["baselines"]["adamw"], summary["baselines"]["muon"]
+    assert (adamw["best_lr"], muon["best_lr"]) == (5e-3, 1e-3) and adamw["best_lr_is_interior"]
+    assert adamw["final_val_loss"]["mean"] == pytest.approx(6.51)
+    assert muon["final_val_loss"]["mean"] == pytest.approx(6.41)
+    assert (adamw["gap"]["mean"], muon["gap"]["mean"]) == (pytest.approx(0.3), pytest.approx(0.2))
     assert summary["sinkgd_final_val_loss"]["std"] == pytest.approx(0.01)
     se = statistics.stdev(torch.linspace(6.0, 7.0, 101).tolist()) / math.sqrt(101)
     assert summary["final_val_standard_error"]["max"] == pytest.approx(se)
-    assert summary["standard_error_below_a_tenth_of_gap"]
-    # per seed, SinkGD (0.5 lower) reaches AdamW's final 6.2 + 0.1 * seed at step 40 of 50: 0.9 * 50 / 40
-    assert summary["sinkgd_steps_to_adamw_final"] == dict(mean=40, std=0.0, min=40, max=40, n=3, missing=0)
-    assert summary["effective_throughput_ratio"]["mean"] == pytest.approx(0.9 * 50 / 40)
+    # the standard error, 0.029, is below a tenth of the 0.3 gap to AdamW, not of the 0.2 gap to Muon
+    assert adamw["standard_error_below_a_tenth_of_gap"] and not muon["standard_error_below_a_tenth_of_gap"]
+    # per seed, SinkGD (0.5 lower) reaches AdamW's final 6.2 + 0.1 * seed at step 40 of 50, Muon's (0.1 higher) at 35
+    assert adamw["sinkgd_steps_to_its_final"] == dict(mean=40, std=0.0, min=40, max=40, n=3, missing=0)
+    assert adamw["effective_throughput_ratio"]["mean"] == pytest.approx(0.9 * 50 / 40)
+    assert muon["effective_throughput_ratio"]["mean"] == pytest.approx(900 / 950 * 50 / 35)
+    assert muon["tokens_per_sec_ratio"] == pytest.approx(900 / 950)
+    table = experiments.compare_table(summary)
+    assert "| AdamW | 0.005 (grid" in table and "| Muon | 0.001 (grid" in table and "| SinkGD | 0.02" in table
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == 3
+
+
+def test_compare_with_muon_on_a_tiny_run(data_dir, tmp_path):
+    """compare --baselines adamw muon for real, at the smallest size: both baselines tuned (a one-point grid each),
+    SinkGD's ratio against each, every optimizer in the table and the figure."""
+    pytest.importorskip("matplotlib")
+    experiments.main(["compare", "--baselines", "adamw", "muon", "--adamw_lrs", "1e-3", "--muon_lrs", "1e-3",
+                      "--max_extensions", "0", "--seeds", "1", "--data_dir", str(data_dir), "--max_steps", "2",
+                      "--batch_size", "2", "--micro_batch_size", "2", "--seq_len", "16", "--eval_interval", "1",
+                      "--eval_tokens", "170", "--final_eval_tokens", "170", "--timing_steps", "1",
+                      "--out_dir", str(tmp_path), "--device", "cpu", "--dtype", "float32"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["baselines"].keys() == {"adamw", "muon"}
+    for b in summary["baselines"].values():
+        assert b["grid"] == [1e-3] and b["best_lr"] == 1e-3 and b["tokens_per_sec_ratio"] > 0
+        assert b["final_val_loss"]["n"] == 1 and b["effective_throughput_ratio"]["n"] + \
+            b["effective_throughput_ratio"]["missing"] == 1
+    assert summary["interleaved_tokens_per_sec"].keys() == {"adamw", "muon", "sinkgd"}
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_gpu_benchmark_says_it_needs_a_gpu(tmp_path):

@@ -533,14 +533,14 @@ def test_paper_presets(name, steps):
     assert cfg.data_dir == "data/c4" and cfg.out_dir == f"out/{name}"
 
 
-def test_help_lists_every_option_with_its_comment_and_the_presets():
+def test_help_lists_every_option_with_its_help_and_the_presets():
     out = subprocess.run([sys.executable, "train.py", "--preset", "llama_60m", "--help"], cwd=REPO, text=True,
                          capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())  # argparse wraps lines
-    help_text = train.field_help(TrainConfig)
+    help_text = {f.name: f.metadata.get("help") for f in fields(TrainConfig)}
     for f in fields(TrainConfig):
-        assert help_text[f.name], f"TrainConfig.{f.name} has no comment to serve as its --help"
+        assert help_text[f.name], f"TrainConfig.{f.name} has no help text: declare it with train.option"
         assert f"--{f.name}" in text and " ".join(help_text[f.name].split()) in text
     assert "sinkgd: the paper's hybrid" in help_text["optimizer"] and "one more stops" in help_text["max_bad_steps"]
     assert "(default: 128)" in text.split("--micro_batch_size MICRO_BATCH_SIZE")[-1][:200]  # llama_60m's value
@@ -632,3 +632,101 @@ def test_cli_bad_deepspeed_config_is_one_line_before_anything_starts(tmp_path, c
     proc = run_cli("--deepspeed_config", str(path), "--out_dir", str(tmp_path / "out"))
     assert proc.returncode == 1 and re.fullmatch(message + "\n", proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the Muon baseline
+
+BLOCK_MATRICES = {f"model.layers.{i}.{module}.{w}_proj.weight" for i in range(TEST_CONFIG.num_hidden_layers)
+                  for module, ws in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for w in ws}
+
+
+def step_by_hand(model, cfg, muon_names, grads):
+    """torch.optim.Muon on the parameters named muon_names and torch.optim.AdamW(fused=True) on the others, stepped
+    with each of grads (a list of {name: gradient}): the optimizers as their users would write them."""
+    named = dict(model.named_parameters())
+    muon = torch.optim.Muon([named[n] for n in sorted(muon_names)], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr)
+    adamw = torch.optim.AdamW([p for n, p in named.items() if n not in muon_names], lr=cfg.lr, fused=True,
+                              betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    for grad in grads:
+        for name, p in named.items():
+            p.grad = grad[name].clone()
+        muon.step()
+        adamw.step()
+    return named
+
+
+def test_muon_is_torch_muon_on_the_split_and_fused_adamw_on_the_rest():
+    """Three steps of --optimizer muon equal torch.optim.Muon on the block matrices plus torch.optim.AdamW(fused=True)
+    on the embedding, norms and head, stepped by hand (1e-6); handing Muon the embedding too would not. A NaN
+    gradient then changes no weight, momentum buffer or AdamW moment, and sets overflow."""
+    cfg = replace(TrainConfig(), optimizer="muon", lr=3e-3, weight_decay=0.01)
+    torch.manual_seed(0)
+    model = Llama(TEST_CONFIG)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = train.build_optimizer(cfg, model)
+    in_muon = {id(p) for g in optimizer.param_groups if g["sinkgd"] for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in in_muon} == BLOCK_MATRICES
+
+    gen = torch.Generator().manual_seed(1)
+    grads = [{n: torch.randn(p.shape, generator=gen) * 1e-2 for n, p in model.named_parameters()} for _ in range(3)]
+    for grad in grads:
+        for name, p in model.named_parameters():
+            p.grad = grad[name].clone()
+        optimizer.step()
+    for muon_names, same in ((BLOCK_MATRICES, True), (BLOCK_MATRICES | {"model.embed_tokens.weight"}, False)):
+        reference = Llama(TEST_CONFIG)
+        reference.load_state_dict(initial)
+        by_hand = step_by_hand(reference, cfg, muon_names, grads)
+        close = [torch.allclose(p, by_hand[n], rtol=1e-6, atol=1e-7) for n, p in model.named_parameters()]
+        assert all(close) if same else not all(close), [n for n, c in zip(by_hand, close) if not c]
+
+    before = [t.clone() for t in [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values())]]
+    model.lm_head.weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    after = [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values())]
+    assert optimizer.overflow and all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_muon_trains_checkpoints_and_resumes_bit_identically(data_dir, tmp_path, capsys):
+    cfg = tiny_config(data_dir, tmp_path / "muon", optimizer="muon", lr=3e-3, max_steps=8, ckpt_interval=4,
+                      eval_interval=4)
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert "| muon |" in out and "split: Muon 14 matrices" in out
+    metrics = read_metrics(cfg.out_dir)
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    reference = load_ckpt(Path(cfg.out_dir) / "ckpt_00000008.pt")
+    model = Llama(TEST_CONFIG)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    named = [name_of[id(p)] for g in train.build_optimizer(cfg, model).param_groups for p in g["params"]]
+    state = reference["optimizer"]["state"]  # by index over the groups' parameters
+    assert {named[i] for i, s in state.items() if "momentum_buffer" in s} == BLOCK_MATRICES
+    assert all("exp_avg" in s for i, s in state.items() if named[i] not in BLOCK_MATRICES)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(cfg.out_dir, resumed)
+    (resumed / "ckpt_00000008.pt").unlink()  # as if the run had stopped after step 4
+    train.train(replace(cfg, out_dir=str(resumed), resume=True))
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert deterministic(read_metrics(resumed), DETERMINISTIC_KEYS) == deterministic(metrics, DETERMINISTIC_KEYS)
+    final = load_ckpt(resumed / "ckpt_00000008.pt")
+    assert_same_tensors(final["model"], reference["model"])  # bit for bit
+    assert_same_tensors(final["optimizer"], reference["optimizer"])
+
+
+def test_cli_muon_under_zero_is_one_line_before_deepspeed_starts(tmp_path):
+    proc = run_cli("--optimizer", "muon", "--deepspeed_config", str(REPO / "ds_config.json"),
+                   "--out_dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and proc.stderr == (
+        "error: --optimizer muon needs whole matrices, which DeepSpeed gives an optimizer only at ZeRO stage 0 in "
+        "float32 (here: stage 2): use stage 0 with --dtype float32, or one process without --deepspeed_config\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["sinkgd", "adamw", "muon"])
+def test_weight_decay_reaches_every_group(optimizer):
+    """--weight_decay applies to every parameter whatever the optimizer (the split's groups carry their own)."""
+    cfg = replace(TrainConfig(), optimizer=optimizer, weight_decay=0.1)
+    groups = train.build_optimizer(cfg, Llama(TEST_CONFIG)).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1] * len(groups)

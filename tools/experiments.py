@@ -2,6 +2,7 @@
 effective throughput (the paper's Figure 1c) over several seeds, the number of Sinkhorn iterations L, and memory.
 
     python -m tools.experiments compare                 # CPU default: llama_tiny, demo corpus, 3 seeds (~15 min)
+    python -m tools.experiments compare --baselines adamw muon      # Muon tuned too
     python -m tools.experiments compare --model llama_small --data_dir data/c4_sample --max_steps 300 --seeds 2
     python -m tools.experiments compare --model llama_60m --data_dir data/c4 --max_steps 1000 --seeds 1 \\
         --batch_size 512 --micro_batch_size 128 --seq_len 256 --eval_interval 50 --dtype bfloat16   # a GPU
@@ -9,13 +10,14 @@ effective throughput (the paper's Figure 1c) over several seeds, the number of S
     python -m tools.experiments memory                  # weights + optimizer state: bf16 estimate, measured step
     python -m tools.experiments plot out/compare/sinkgd_seed0 out/compare/adamw_lr0.01_seed0 --out curves.png
 
-compare: AdamW over a log-spaced lr grid (seed 0), extended past an edge while the best lr sits on it, then the best
-AdamW lr and SinkGD at the paper's defaults (global lr 0.02, alpha 0.05, L = 5; no tuning on our side) over --seeds
-seeds (model init and data order). Every run is train.py in its own process, with every option that is not this
-tool's own passed through. A run whose directory already holds a checkpoint of the same config continues from it, so
-an interrupted experiment picks up where it stopped. Validation: every --eval_interval steps on --eval_tokens (the
+compare: each baseline (--baselines: AdamW, and Muon on the same matrices as SinkGD) over a log-spaced lr grid
+(seed 0), extended past an edge while the best lr sits on it, then each baseline's best lr and SinkGD at the paper's
+defaults (global lr 0.02, alpha 0.05, L = 5; no tuning on our side) over --seeds seeds (model init and data order).
+Every run is train.py in its own process, with every option that is not this tool's own passed through. A run whose
+directory already holds a checkpoint of the same config continues from it, so an interrupted experiment picks up
+where it stopped. Validation: every --eval_interval steps on --eval_tokens (the
 curves and "steps to reach"), and at the end on --final_eval_tokens, whose standard error over windows the summary
-gives. Speed comes from timing a few training steps of both optimizers in turn in one process, since consecutive
+gives. Speed comes from timing a few training steps of every optimizer in turn in one process, since consecutive
 runs on a shared machine can differ several-fold. summary.json, a markdown table and curves.png (mean and seed band
 per optimizer, loss against steps and wall-clock) go to --out_dir.
 """
@@ -97,16 +99,16 @@ def median_tokens_per_sec(metrics: list[dict]) -> float:
     return statistics.median(clean)
 
 
-def effective_throughput(adamw: list[dict], sinkgd: list[dict], adamw_tokens_per_sec: float,
+def effective_throughput(baseline: list[dict], sinkgd: list[dict], baseline_tokens_per_sec: float,
                          sinkgd_tokens_per_sec: float) -> dict:
-    """Figure 1c: the tokens/s ratio times the ratio of the steps each optimizer needs to reach AdamW's final
+    """Figure 1c: the tokens/s ratio times the ratio of the steps each optimizer needs to reach the baseline's final
     validation loss (both runs take the same tokens per step)."""
-    target = final_val_loss(adamw)
-    adamw_steps, sinkgd_steps = steps_to_reach(adamw, target), steps_to_reach(sinkgd, target)
-    speed = sinkgd_tokens_per_sec / adamw_tokens_per_sec
-    return {"target_val_loss": target, "adamw_steps": adamw_steps, "sinkgd_steps": sinkgd_steps,
+    target = final_val_loss(baseline)
+    baseline_steps, sinkgd_steps = steps_to_reach(baseline, target), steps_to_reach(sinkgd, target)
+    speed = sinkgd_tokens_per_sec / baseline_tokens_per_sec
+    return {"target_val_loss": target, "baseline_steps": baseline_steps, "sinkgd_steps": sinkgd_steps,
             "tokens_per_sec_ratio": speed,
-            "effective_throughput_ratio": speed * adamw_steps / sinkgd_steps if sinkgd_steps else None}
+            "effective_throughput_ratio": speed * baseline_steps / sinkgd_steps if sinkgd_steps else None}
 
 
 @torch.no_grad()
@@ -197,81 +199,93 @@ def final_evaluation(run_dir: Path, args) -> dict:
 
 def compare(args, passthrough: list[str]) -> dict:
     out, base = Path(args.out_dir), run_args(args, passthrough)
-    adamw_args = lambda lr: base + ["--optimizer", "adamw", "--lr", f"{lr:g}"]
+    baseline_args = lambda name, lr: base + ["--optimizer", name, "--lr", f"{lr:g}"]
     metrics = {}
 
     def run(name, extra_args, seed):
         metrics[(name, seed)] = run_training(out / f"{name}_seed{seed}", extra_args + ["--seed", str(seed)])
         return metrics[(name, seed)]
 
-    best_lr, grid, grid_losses = search_lr(lambda lr: final_val_loss(run(f"adamw_lr{lr:g}", adamw_args(lr), 0)),
-                                           args.adamw_lrs, args.max_extensions)
-    adamw = f"adamw_lr{best_lr:g}"
+    tuned = {}  # baseline -> (best lr, the grid searched, {lr: final val loss})
+    for b in args.baselines:
+        tuned[b] = search_lr(lambda lr: final_val_loss(run(f"{b}_lr{lr:g}", baseline_args(b, lr), 0)),
+                             getattr(args, f"{b}_lrs"), args.max_extensions)
+    runs = {b: f"{b}_lr{tuned[b][0]:g}" for b in args.baselines} | {"sinkgd": "sinkgd"}  # optimizer -> its runs
+    variants = {b: baseline_args(b, tuned[b][0]) for b in args.baselines} | {"sinkgd": base + SINKGD_ARGS}
     for seed in range(args.seeds):
-        if (adamw, seed) not in metrics:
-            run(adamw, adamw_args(best_lr), seed)
-        run("sinkgd", base + SINKGD_ARGS, seed)
+        for name, run_name in runs.items():
+            if (run_name, seed) not in metrics:
+                run(run_name, variants[name], seed)
     print(f"\ntiming {args.timing_steps} training steps of each optimizer, in turn", flush=True)
-    speed = interleaved_tokens_per_sec({"adamw": adamw_args(best_lr), "sinkgd": base + SINKGD_ARGS},
-                                       args.timing_steps)
-    per_seed = []
-    for seed in range(args.seeds):
-        evaluations = {name: final_evaluation(out / f"{name}_seed{seed}", args) for name in (adamw, "sinkgd")}
-        gap = evaluations[adamw]["per_window"] - evaluations["sinkgd"]["per_window"]  # the same windows: paired
-        per_seed.append(effective_throughput(metrics[(adamw, seed)], metrics[("sinkgd", seed)], speed["adamw"],
-                                             speed["sinkgd"]) | {
-            "seed": seed, "adamw_final_val": evaluations[adamw] | {"per_window": None},
-            "sinkgd_final_val": evaluations["sinkgd"] | {"per_window": None},
-            "gap": float(gap.mean()), "gap_standard_error": float(gap.std(ddof=1) / math.sqrt(len(gap)))})
+    speed = interleaved_tokens_per_sec(variants, args.timing_steps)
+    evaluations = {(name, seed): final_evaluation(out / f"{run_name}_seed{seed}", args)
+                   for name, run_name in runs.items() for seed in range(args.seeds)}
+    baselines = {}
+    for b in args.baselines:
+        best_lr, grid, grid_losses = tuned[b]
+        per_seed = []
+        for seed in range(args.seeds):
+            mine, sinkgd = evaluations[(b, seed)], evaluations[("sinkgd", seed)]
+            gap = mine["per_window"] - sinkgd["per_window"]  # the same windows: paired
+            per_seed.append(effective_throughput(metrics[(runs[b], seed)], metrics[("sinkgd", seed)], speed[b],
+                                                 speed["sinkgd"]) | {
+                "seed": seed, "gap": float(gap.mean()),
+                "gap_standard_error": float(gap.std(ddof=1) / math.sqrt(len(gap)))})
+        baselines[b] = {
+            "grid": grid, "grid_final_val_loss": {f"{lr:g}": grid_losses[lr] for lr in grid}, "best_lr": best_lr,
+            "best_lr_is_interior": grid[0] < best_lr < grid[-1],
+            "final_val_loss": spread([evaluations[(b, s)]["loss"] for s in range(args.seeds)]),
+            "gap": spread([r["gap"] for r in per_seed]),
+            "steps_to_own_final": spread([r["baseline_steps"] for r in per_seed]),
+            "sinkgd_steps_to_its_final": spread([r["sinkgd_steps"] for r in per_seed]),
+            "tokens_per_sec_ratio": speed["sinkgd"] / speed[b],
+            "effective_throughput_ratio": spread([r["effective_throughput_ratio"] for r in per_seed]),
+            "per_seed": per_seed}
+    errors = spread([e["standard_error"] for e in evaluations.values()])
+    for summary_b in baselines.values():
+        summary_b["standard_error_below_a_tenth_of_gap"] = errors["max"] < abs(summary_b["gap"]["mean"]) / 10
     summary = setup(args, passthrough) | {
-        "adamw_grid": grid, "adamw_grid_final_val_loss": {f"{lr:g}": grid_losses[lr] for lr in grid},
-        "best_adamw_lr": best_lr, "best_lr_is_interior": grid[0] < best_lr < grid[-1],
-        "sinkgd_args": " ".join(SINKGD_ARGS), "seeds": args.seeds, "interleaved_tokens_per_sec": speed,
-        "tokens_per_sec_ratio": speed["sinkgd"] / speed["adamw"], "final_eval_tokens": args.final_eval_tokens,
-        "per_seed": per_seed,
+        "seeds": args.seeds, "sinkgd_args": " ".join(SINKGD_ARGS), "interleaved_tokens_per_sec": speed,
+        "final_eval_tokens": args.final_eval_tokens,
+        "final_eval_windows": evaluations[("sinkgd", 0)]["windows"],
+        "sinkgd_final_val_loss": spread([evaluations[("sinkgd", s)]["loss"] for s in range(args.seeds)]),
+        "final_val_standard_error": errors, "baselines": baselines,
         "median_tokens_per_sec_in_runs": {f"{n}_seed{s}": median_tokens_per_sec(m) for (n, s), m in metrics.items()}}
-    for key, values in {
-            "adamw_final_val_loss": [r["adamw_final_val"]["loss"] for r in per_seed],
-            "sinkgd_final_val_loss": [r["sinkgd_final_val"]["loss"] for r in per_seed],
-            "gap": [r["gap"] for r in per_seed],
-            "final_val_standard_error": [r[f"{k}_final_val"]["standard_error"] for r in per_seed
-                                         for k in ("adamw", "sinkgd")],
-            "sinkgd_steps_to_adamw_final": [r["sinkgd_steps"] for r in per_seed],
-            "adamw_steps_to_adamw_final": [r["adamw_steps"] for r in per_seed],
-            "effective_throughput_ratio": [r["effective_throughput_ratio"] for r in per_seed]}.items():
-        summary[key] = spread(values)
-    summary["standard_error_below_a_tenth_of_gap"] = (
-        summary["final_val_standard_error"]["max"] < abs(summary["gap"]["mean"]) / 10)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(compare_table(summary))
-    plot_groups({f"AdamW lr {best_lr:g}": [out / f"{adamw}_seed{s}" for s in range(args.seeds)],
-                 "SinkGD": [out / f"sinkgd_seed{s}" for s in range(args.seeds)]}, out / "curves.png")
+    plot_groups({f"{LABELS[b]} lr {baselines[b]['best_lr']:g}": [out / f"{runs[b]}_seed{s}" for s in range(args.seeds)]
+                 for b in args.baselines} | {"SinkGD": [out / f"sinkgd_seed{s}" for s in range(args.seeds)]},
+                out / "curves.png", f"{args.model}, {args.max_steps} steps of {args.batch_size} x {args.seq_len} "
+                f"tokens, {Path(args.data_dir).name}")
     return summary
 
 
+LABELS = {"adamw": "AdamW", "muon": "Muon", "sinkgd": "SinkGD"}
+
+
 def compare_table(s: dict) -> str:
-    """The summary as a markdown table plus the lines that qualify it."""
+    """The summary as a markdown table, one row per optimizer, plus the lines that qualify it."""
     pm = lambda d, f=".3f": f"{d['mean']:{f}} ± {d['std']:{f}}" if d["n"] else "not reached"
-    missing = s["sinkgd_steps_to_adamw_final"]["missing"]
-    not_reached = f" (not reached in {missing} seed(s))" if missing else ""
+    speed = s["interleaved_tokens_per_sec"]
     lines = [f"\n{s['model']}, {s['max_steps']} steps of {s['tokens_per_step']} tokens, {s['data_dir']}, "
              f"{s['seeds']} seed(s); {s['device']}, torch {s['torch']}\n",
-             "| | AdamW (best lr) | SinkGD (paper defaults) |", "|---|---|---|",
-             f"| lr | {s['best_adamw_lr']:g} (grid {', '.join(f'{lr:g}' for lr in s['adamw_grid'])}) | "
-             "0.02, alpha 0.05, L = 5 |",
-             f"| final val loss, mean ± std over seeds | {pm(s['adamw_final_val_loss'])} | "
-             f"{pm(s['sinkgd_final_val_loss'])} |",
-             f"| steps to reach AdamW's final val loss | {pm(s['adamw_steps_to_adamw_final'], '.0f')} | "
-             f"{pm(s['sinkgd_steps_to_adamw_final'], '.0f')}{not_reached} |",
-             f"| tokens/s (interleaved) | {s['interleaved_tokens_per_sec']['adamw']:.0f} | "
-             f"{s['interleaved_tokens_per_sec']['sinkgd']:.0f} ({s['tokens_per_sec_ratio']:.2f}x) |",
-             f"| effective throughput (Fig. 1c), mean ± std | 1 | {pm(s['effective_throughput_ratio'], '.2f')} |",
-             "",
-             f"Gap (AdamW - SinkGD final val loss): {pm(s['gap'])}; standard error of a final val loss over its "
-             f"{s['per_seed'][0]['sinkgd_final_val']['windows']} windows: at most "
-             f"{s['final_val_standard_error']['max']:.4f} ("
-             f"{'below' if s['standard_error_below_a_tenth_of_gap'] else 'NOT below'} a tenth of the gap). "
-             f"Best AdamW lr {'inside' if s['best_lr_is_interior'] else 'AT THE EDGE of'} the searched grid."]
+             "| optimizer | lr | final val loss | tokens/s | steps to its final val loss: it, SinkGD | "
+             "SinkGD's effective throughput against it |", "|---|---|---|---|---|---|"]
+    for name, b in s["baselines"].items():
+        reached, missing = b["sinkgd_steps_to_its_final"]["n"], b["sinkgd_steps_to_its_final"]["missing"]
+        lines.append(f"| {LABELS[name]} | {b['best_lr']:g} (grid {', '.join(f'{lr:g}' for lr in b['grid'])}) | "
+                     f"{pm(b['final_val_loss'])} | {speed[name]:.0f} | {pm(b['steps_to_own_final'], '.0f')}, "
+                     f"{pm(b['sinkgd_steps_to_its_final'], '.0f')}"
+                     f"{f' (not reached in {missing} seed(s))' if missing and reached else ''} | "
+                     f"{pm(b['effective_throughput_ratio'], '.2f')}{'x' if reached else ''} |")
+    lines += [f"| SinkGD | 0.02, alpha 0.05, L = 5 (paper defaults) | {pm(s['sinkgd_final_val_loss'])} | "
+              f"{speed['sinkgd']:.0f} | | |", ""]
+    for name, b in s["baselines"].items():
+        lines.append(f"{LABELS[name]} - SinkGD final val loss: {pm(b['gap'])} "
+                     f"(standard error of a final val loss over its {s['final_eval_windows']} windows at most "
+                     f"{s['final_val_standard_error']['max']:.4f}: "
+                     f"{'below' if b['standard_error_below_a_tenth_of_gap'] else 'NOT below'} a tenth of it). "
+                     f"Best lr {'inside' if b['best_lr_is_interior'] else 'AT THE EDGE of'} the searched grid.")
     return "\n".join(lines)
 
 
@@ -308,33 +322,44 @@ def plot_runs(run_dirs, out_path) -> bool:
     return plot_groups({Path(d).name: [Path(d)] for d in run_dirs}, out_path)
 
 
-def plot_groups(groups: dict[str, list[Path]], out_path) -> bool:
+def plot_groups(groups: dict[str, list[Path]], out_path, title: str | None = None) -> bool:
     """Per group of runs (the seeds of one optimizer): validation loss, mean line with a min-max band over the runs,
-    and the mean train loss (thin), against steps and against mean wall-clock time. Returns False, saying why, when
-    matplotlib is not installed: only the plots need it."""
+    and the mean train loss (faint), against steps and against mean wall-clock time, in type that stays legible at
+    a README's width. Returns False, saying why, when matplotlib is not installed: only the plots need it."""
     try:
+        import matplotlib
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib is not installed, so no plot was written: pip install matplotlib", file=sys.stderr)
         return False
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    by_step, by_time = fig.subplots(1, 2, sharey=True)
-    for i, (label, run_dirs) in enumerate(groups.items()):
-        runs = [read_metrics(d) for d in run_dirs]
-        for key, style in (("train_loss", dict(alpha=0.4, linewidth=1)), ("val_loss", dict(marker="o", markersize=3))):
-            steps = sorted(set.intersection(*({m["step"] for m in r if key in m} for r in runs)))
-            values = np.array([[next(m[key] for m in r if m["step"] == s and key in m) for s in steps] for r in runs])
-            elapsed = np.array([[elapsed_at(r, s) for s in steps] for r in runs]).mean(0)
-            for ax, x in ((by_step, steps), (by_time, elapsed)):
-                ax.plot(x, values.mean(0), color=f"C{i % 10}", label=label if key == "val_loss" else None, **style)
-                if key == "val_loss" and len(runs) > 1:
-                    ax.fill_between(x, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.2)
-    by_step.set(xlabel="step", ylabel="loss (train: thin; validation: dots, band over seeds)")
-    by_time.set(xlabel="wall-clock seconds since the first logged step (mean over seeds)")
-    by_step.legend()
-    for ax in (by_step, by_time):
-        ax.grid(alpha=0.3)
-    fig.savefig(out_path, dpi=120)
+    with matplotlib.rc_context({"font.size": 14}):
+        fig = Figure(figsize=(12, 4.5), layout="constrained")
+        by_step, by_time = fig.subplots(1, 2, sharey=True)
+        top = []  # the highest validation loss: train loss spikes above it are cut
+        for i, (label, run_dirs) in enumerate(groups.items()):
+            runs = [read_metrics(d) for d in run_dirs]
+            for key, style in (("train_loss", dict(alpha=0.25, linewidth=1)),
+                               ("val_loss", dict(marker="o", markersize=4, linewidth=2.5))):
+                steps = sorted(set.intersection(*({m["step"] for m in r if key in m} for r in runs)))
+                values = np.array([[next(m[key] for m in r if m["step"] == s and key in m) for s in steps]
+                                   for r in runs])
+                elapsed = np.array([[elapsed_at(r, s) for s in steps] for r in runs]).mean(0)
+                for ax, x in ((by_step, steps), (by_time, elapsed)):
+                    ax.plot(x, values.mean(0), color=f"C{i % 10}", label=label if key == "val_loss" else None,
+                            **style)
+                    if key == "val_loss" and len(runs) > 1:
+                        ax.fill_between(x, values.min(0), values.max(0), color=f"C{i % 10}", alpha=0.2)
+                if key == "val_loss":
+                    top.append(values.max())
+        seeds = max(len(run_dirs) for run_dirs in groups.values())
+        by_step.set(xlabel="step", ylabel="loss", ylim=(None, max(top) + 0.1))
+        by_time.set(xlabel="wall-clock seconds (mean over seeds)")
+        by_step.legend(title=f"validation{f', {seeds} seeds' if seeds > 1 else ''}; train faint")
+        for ax in (by_step, by_time):
+            ax.grid(alpha=0.3)
+        if title:
+            fig.suptitle(title)
+        fig.savefig(out_path, dpi=120)
     print(f"wrote {out_path}")
     return True
 
@@ -352,7 +377,8 @@ def elapsed_at(metrics: list[dict], step: int) -> float:
 
 def memory_estimate(config) -> dict:
     """Parameter counts and the bytes of weights + optimizer state in bf16: AdamW keeps two moments for every
-    parameter; the hybrid keeps them only for the AdamW group (embedding, norms, head), SinkGD none."""
+    parameter; the hybrids keep them only for the AdamW group (embedding, norms, head), where Muon keeps one momentum
+    buffer as large as its matrices and SinkGD none."""
     with torch.device("meta"):  # shapes only
         model = Llama(config)
     sinkgd_group, adamw_group = sinkgd_param_groups(model, model.model.layers, lr=1.0)
@@ -360,7 +386,7 @@ def memory_estimate(config) -> dict:
     n_adamw = sum(p.numel() for p in adamw_group["params"])
     n_total = n_sinkgd + n_adamw
     return {"params": n_total, "sinkgd_params": n_sinkgd, "adamw_bytes": 2 * (n_total + 2 * n_total),
-            "sinkgd_bytes": 2 * (n_total + 2 * n_adamw)}
+            "muon_bytes": 2 * (n_total + n_sinkgd + 2 * n_adamw), "sinkgd_bytes": 2 * (n_total + 2 * n_adamw)}
 
 
 def measure_step(size: str, optimizer: str, batch_size: int, seq_len: int) -> float:
@@ -381,30 +407,42 @@ def measure_step(size: str, optimizer: str, batch_size: int, seq_len: int) -> fl
     return (proc_status_bytes("VmHWM") - baseline) / 2**20
 
 
+MEMORY_OPTIMIZERS = ["adamw", "muon", "sinkgd"]
+
+
+def memory_table(rows: list[dict]) -> str:
+    """Estimated and measured GiB per optimizer, and SinkGD's saving against AdamW and Muon."""
+    gib = lambda r, key: f"{r[key] / (2**30 if key.endswith('bytes') else 1024):.2f}" if key in r else ""
+    saving = lambda r, key, other: (f"{1 - r[f'sinkgd_{key}'] / r[f'{other}_{key}']:.0%}"
+                                    if f"{other}_{key}" in r else "")
+    lines = ["| size | params | on SinkGD or Muon | est. GiB: AdamW, Muon, SinkGD | est. saving vs AdamW, Muon | "
+             "measured GiB: AdamW, Muon, SinkGD | measured saving vs AdamW, Muon |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        measured = [gib(r, f"{o}_measured_mib") for o in MEMORY_OPTIMIZERS]
+        lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['sinkgd_params'] / 1e6:.1f}M | "
+                     f"{', '.join(gib(r, f'{o}_bytes') for o in MEMORY_OPTIMIZERS)} | "
+                     f"{saving(r, 'bytes', 'adamw')}, {saving(r, 'bytes', 'muon')} | "
+                     f"{', '.join(measured) if all(measured) else 'not measured'} | "
+                     f"{', '.join(saving(r, 'measured_mib', o) for o in ('adamw', 'muon')) if all(measured) else ''} |")
+    return "\n".join(lines)
+
+
 def memory(args) -> None:
     cuda = torch.cuda.is_available()
     measure = args.measure if args.measure is not None else BENCHMARK_SIZES if cuda else ["llama_60m", "llama_130m"]
     rows = []
     for size in BENCHMARK_SIZES:
         row = {"size": size} | memory_estimate(CONFIGS[size])
-        for optimizer in ["adamw", "sinkgd"] if size in measure else []:
+        for optimizer in MEMORY_OPTIMIZERS if size in measure else []:
             row[f"{optimizer}_measured_mib"] = in_fresh_process(
                 "tools.experiments", "memory", "--measure_one", size, optimizer, "--batch_size", args.batch_size,
                 "--seq_len", args.seq_len)
         rows.append(row)
-    measured = lambda row, key: f"{row[key] / 1024:.2f}" if key in row else "not measured"
-    print(f"Weights + optimizer state. Estimate: bf16 weights and moments, as in the paper's tables. Measured: peak of "
-          f"one training step, fp32 weights{' with bf16 autocast' if cuda else ''}, batch {args.batch_size} x "
-          f"{args.seq_len} tokens (weights, grads, state, activations), {device_name()}, torch {torch.__version__}.\n")
-    print("| size | params | on SinkGD | AdamW est. GiB | SinkGD est. GiB | est. saving | AdamW measured GiB | "
-          "SinkGD measured GiB | measured saving |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        saved = f"{1 - r['sinkgd_measured_mib'] / r['adamw_measured_mib']:.0%}" if "adamw_measured_mib" in r else ""
-        print(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['sinkgd_params'] / 1e6:.1f}M | "
-              f"{r['adamw_bytes'] / 2**30:.2f} | {r['sinkgd_bytes'] / 2**30:.2f} | "
-              f"{1 - r['sinkgd_bytes'] / r['adamw_bytes']:.0%} | {measured(r, 'adamw_measured_mib')} | "
-              f"{measured(r, 'sinkgd_measured_mib')} | {saved} |")
+    print(f"Weights + optimizer state. Estimate: bf16 weights and optimizer state, as in the paper's tables. "
+          f"Measured: peak of one training step, fp32 weights{' with bf16 autocast' if cuda else ''}, batch "
+          f"{args.batch_size} x {args.seq_len} tokens (weights, grads, state, activations), {device_name()}, torch "
+          f"{torch.__version__}. Saving: SinkGD's against each.\n")
+    print(memory_table(rows))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps({"device": device_name(), "torch": torch.__version__,
@@ -443,8 +481,13 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--timing_steps", type=int, default=10, help="training steps timed per variant, in turn")
         c.add_argument("--out_dir", default=f"out/{name}")
         if name == "compare":
+            c.add_argument("--baselines", nargs="+", default=["adamw"], choices=["adamw", "muon"],
+                           help="the optimizers SinkGD is compared with, each tuned over its lr grid")
             c.add_argument("--adamw_lrs", type=float, nargs="+", default=PAPER_ADAMW_LRS)
-            c.add_argument("--max_extensions", type=int, default=3, help="extra AdamW runs past a grid edge, at most")
+            c.add_argument("--muon_lrs", type=float, nargs="+", default=PAPER_ADAMW_LRS, help="Muon's lr grid "
+                           "(train.py's Muon matches AdamW's update size, so AdamW's grid by default)")
+            c.add_argument("--max_extensions", type=int, default=3, help="extra runs of a baseline past a grid "
+                           "edge, at most")
     plot = commands.add_parser("plot", help="loss curves of any runs, from their metrics.jsonl")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", required=True, help="PNG file to write")
