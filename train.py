@@ -1,9 +1,8 @@
-"""Pretrain a LLaMA on token shards with SinkGD (or AdamW, the baseline), on one device or under DeepSpeed ZeRO.
+"""Pretrain a LLaMA on token shards with SinkGD (or AdamW, or Muon), on one device or under DeepSpeed ZeRO.
 
     python train.py                                        # offline demo: tiny LLaMA, CPython docstrings
     python train.py --preset llama_60m --data_dir data/c4  # the paper's 60M recipe on one GPU
-    python train.py --preset llama_60m --optimizer adamw --lr 1e-3
-    python train.py --preset llama_60m --optimizer muon --lr 1e-3    # torch.optim.Muon on the same matrices
+    python train.py --preset llama_60m --optimizer adamw --lr 1e-3  # or muon: the baselines
     python train.py --out_dir out/demo --resume            # continue from the newest intact checkpoint
     deepspeed --num_gpus 8 train.py --preset llama_1b --deepspeed_config ds_config.json
 
@@ -48,14 +47,13 @@ class TrainConfig:
     data_dir: str = option("data/demo", "holds train_*.bin and val_*.bin from prepare_c4.py")
     out_dir: str = option("out/demo", "checkpoints and metrics.jsonl")
     optimizer: str = option("sinkgd", "sinkgd: the paper's hybrid (SinkGD on block matrices, AdamW on the rest); "
-                            "adamw; muon: torch.optim.Muon on the matrices SinkGD would get, AdamW on the rest",
-                            ("sinkgd", "adamw", "muon"))
+                            "muon: torch.optim.Muon on those matrices instead", ("sinkgd", "adamw", "muon"))
     lr: float = option(0.02, "global lr: AdamW's, and Muon's; the SinkGD matrices get alpha * lr")
     alpha: float = option(0.05, "SinkGD's share of the lr (paper: 0.05)")
     sinkhorn_iters: int = option(5, "L, SR-Sinkhorn's iterations per step (paper: 5)")
     muon_momentum: float = option(0.95, "Muon's momentum (torch's default), Nesterov")
-    muon_adjust_lr: str = option("match_rms_adamw", "Muon's lr per matrix: match_rms_adamw (Moonlight's: --lr as "
-                                 "AdamW's) or original (Keller Jordan's, torch's default; lr near 0.02)",
+    muon_adjust_lr: str = option("match_rms_adamw", "Muon's lr per matrix. match_rms_adamw: Moonlight's, --lr as "
+                                 "AdamW's; original: Keller Jordan's and torch's default, lr near 0.02",
                                  ("match_rms_adamw", "original"))
     weight_decay: float = option(0.0, "decoupled, W <- (1 - lr wd) W, for every parameter (torch's Muon default: 0.1)")
     beta1: float = option(0.9, "AdamW's, for the embedding, norms and head")
@@ -78,8 +76,7 @@ class TrainConfig:
     resume: bool = option(False, "continue from the newest intact checkpoint in out_dir")
     seed: int = option(0, "for the initial weights and the data order")
     device: str = option("auto", "auto: cuda if present, else cpu")
-    dtype: str = option("auto", "auto (bfloat16 on cuda, float32 on cpu), float32 or bfloat16",
-                        ("auto", "float32", "bfloat16"))
+    dtype: str = option("auto", "auto: bfloat16 on cuda, float32 on cpu", ("auto", "float32", "bfloat16"))
     compile: bool = option(False, "torch.compile the model")
     deepspeed_config: str = option("", "a DeepSpeed config file, e.g. ds_config.json; run under deepspeed or torchrun")
     local_rank: int = option(-1, "appended by the deepspeed launcher; LOCAL_RANK is read from the environment")
@@ -123,13 +120,11 @@ def build_parser(preset: str) -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, epilog=f"presets (--preset NAME applies first):\n{presets}",
                             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     for f in fields(TrainConfig):
-        default = getattr(defaults, f.name)
-        kind = boolean if f.type is bool else f.type
-        extra = dict(nargs="?", const=True, metavar="{true,false}") if kind is boolean else {}
-        if f.name == "preset":
-            extra["choices"] = list(PRESETS)
-        description = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=description, **extra)
+        kind = dict(type=boolean, nargs="?", const=True, metavar="{true,false}") if f.type is bool else {"type": f.type}
+        choices = f" (one of {', '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
+        description = f"{f.metadata['help']}{choices} (default: {getattr(defaults, f.name)!r})".replace("%", "%%")
+        parser.add_argument(f"--{f.name}", default=getattr(defaults, f.name), help=description, **kind,
+                            **dict(choices=list(PRESETS)) if f.name == "preset" else {})
     return parser
 
 
@@ -147,8 +142,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    model_cfg = CONFIGS.get(cfg.model)
-    if model_cfg is None:
+    if (model_cfg := CONFIGS.get(cfg.model)) is None:
         raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(CONFIGS)}")
     for f in fields(cfg):
         if (choices := f.metadata["choices"]) and getattr(cfg, f.name) not in choices:
@@ -172,7 +166,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Data, optimizer and schedule, and the one-process engine.
+# Optimizer and schedule, the one-process engine, evaluation and metrics.
 
 
 def build_optimizer(cfg: TrainConfig, model: Llama, optimizer_class=SinkGD) -> SinkGD:
@@ -202,7 +196,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 class LocalEngine(nn.Module):
     """One process, behind the part of DeepSpeed's engine interface that train() uses: forward, backward(loss), and
     step(), which after a batch's last micro-batch clips, steps the optimizer and, unless it skipped a non-finite
-    step (was_step_applied() says), the schedule."""
+    step (was_step_applied() says), the schedule. Checkpoints as zero.save and zero.resume DeepSpeed's."""
 
     def __init__(self, model: nn.Module, optimizer: SinkGD, scheduler, accumulation: int, grad_clip: float, compile):
         super().__init__()
@@ -231,7 +225,6 @@ class LocalEngine(nn.Module):
     def was_step_applied(self) -> bool:
         return self.applied
 
-    # A checkpoint as zero.save and zero.resume write and read DeepSpeed's: the loop's state plus the engine's.
     def save(self, out_dir: Path, step: int, state: dict, keep: int) -> None:
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler}
         checkpoint.save(out_dir, step, state | {k: part.state_dict() for k, part in parts.items()}, keep)
@@ -241,10 +234,6 @@ class LocalEngine(nn.Module):
             for part, key in ((self.module, "model"), (self.optimizer, "optimizer"), (self.scheduler, "scheduler")):
                 part.load_state_dict(state[key])
         return state
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation and metrics.
 
 
 def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
@@ -344,15 +333,12 @@ def train(cfg: TrainConfig) -> dict:
         loader.load_state_dict(resumed["loader"])
         checkpoint.set_rng_state(resumed["rng"])
         step, nonfinite_steps = resumed["step"], resumed["nonfinite_steps"]
-    if main_rank and cfg.resume:
-        print(f"resumed from step {step}" if resumed is not None else f"no checkpoint in {out_dir}: starting afresh")
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path, tokens_per_step = out_dir / "metrics.jsonl", cfg.batch_size * cfg.seq_len
+    peak_flops = world_size * peak_bf16_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
     if main_rank:
         checkpoint.truncate_log(metrics_path, step)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = world_size * peak_bf16_flops(device_name)
-    if main_rank:
+        if cfg.resume:
+            print(f"resumed from step {step}" if resumed else f"no checkpoint in {out_dir}: starting afresh")
         print(f"{cfg.model}: {num_params / 1e6:.1f}M params | {cfg.optimizer} | {tokens_per_step} "
               f"tokens/step ({cfg.micro_batch_size} x {accumulation} x {world_size} x {cfg.seq_len}) | {device}"
               f"{' bf16' if bf16 else ''}{' | deepspeed' if cfg.deepspeed_config else ''}")
