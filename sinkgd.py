@@ -7,10 +7,10 @@ from collections import defaultdict
 from typing import Callable, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim.adamw import adamw
 
+from sinkgd_dtensor import Split, check_shards, local, max_over_ranks, sharded, split_of, whole
 from sinkgd_split import describe_split, sinkgd_param_groups  # noqa: F401  (re-exported)
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +50,9 @@ def sr_sinkhorn_paper(G: Tensor, num_iters: int = 5) -> Tensor:
 # zero, so X is Alg. 3 of G with those entries zero (float64: 2^-511). The gauge (u, v) ->
 # (u t, v / t) leaves X unchanged; before the last iteration v is scaled so that its smallest
 # nonzero entry is 1, which keeps u <= n whatever G's dynamic range. A zero row or column has a
-# zero sum; its scaling is set to 0, so it stays zero and adds nothing to the other sums.
+# zero sum; its scaling is set to 0, so it stays zero and adds nothing to the other sums. The
+# products follow torch.set_float32_matmul_precision: "highest" (torch's default) gives Alg. 3 to
+# float32 rounding; "high" (TF32) or "medium" (bf16) leave ~1e-3 in X.
 
 
 def work_dtype(grad: Tensor) -> torch.dtype:  # float32 for bf16 and float32, float64 for float64
@@ -93,25 +95,11 @@ def rebuild_(B: Tensor, u: Tensor, v: Tensor, G: Tensor) -> Tensor:  # u (.., m,
     return B.mul_(u).mul_(v).sqrt_().copysign_(G)
 
 
-class Split(NamedTuple):
-    """Where a piece of a matrix held over ranks (a DTensor's shard) lies: across_rows(t, op) and
-    across_cols(t, op) reduce t in place, "sum" or "max", over the ranks holding the matrix's
-    other rows and other columns, and return it; (m, n) is the whole matrix's shape."""
-    across_rows: Callable[[Tensor, str], Tensor]
-    across_cols: Callable[[Tensor, str], Tensor]
-    m: int
-    n: int
-
-
-def whole(t: Tensor, op: str) -> Tensor:  # the reduction of a matrix held whole: none
-    return t
-
-
 def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None,
                 split: Split | None = None) -> Tensor:
     """Alg. 3 of every trailing (m, n) matrix of grad, like sr_sinkhorn_paper, in float32
     (float64 if grad is). X is written into `out` (contiguous, grad's shape) when given.
-    split: grad's matrices are pieces of larger ones, held over ranks."""
+    split: grad's matrices are pieces of larger ones, held over ranks (sinkgd_dtensor.py)."""
     if grad.dim() < 2:
         raise ValueError("sr_sinkhorn expects a matrix or a stack of matrices, got shape "
                          f"{tuple(grad.shape)}")
@@ -131,9 +119,8 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Alg. 4.
-
-# Bytes of gradient copy and float32 X per stack, per device type (absent: one matrix at a time)
+# Alg. 4. STACK_BYTES: gradient copy and float32 X per stack, per device type (absent: one matrix
+# at a time).
 STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 
 
@@ -142,11 +129,10 @@ class SinkGD(torch.optim.Optimizer):
         W <- (1 - lr * weight_decay) W - lr * sr_sinkhorn(grad, sinkhorn_iters)
     Groups with sinkgd=False (the paper's embedding, norms, head) step by torch's fused AdamW.
     transposed=True: weights stored (..., in, out). experts=E: E matrices flattened along rows.
-    Same-shape matrices run as one batched sr_sinkhorn per stack of at most stack_bytes (bytes,
-    or a dict per device type). Products follow torch.set_float32_matmul_precision ("high" or
-    "medium" leave ~1e-3 in X). A non-finite gradient raises FloatingPointError, or with
-    skip_nonfinite=True sets `overflow`; either way no weight or AdamW state changes.
-    DTensor parameters (FSDP2, tensor parallel) are stepped exactly, shard by shard (below)."""
+    Same-shape matrices run as one sr_sinkhorn per stack of at most stack_bytes (bytes, or a dict
+    per device type). DTensor shards (FSDP2, tensor parallel) are read where they lie. A
+    non-finite gradient raises FloatingPointError, or with skip_nonfinite=True sets `overflow`;
+    either way no weight or AdamW state changes."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True,
@@ -250,23 +236,8 @@ class SinkGD(torch.optim.Optimizer):
                              "them in a group with sinkgd=False (AdamW), e.g. via "
                              "sinkgd_param_groups()")
         for i, p in enumerate(group["params"] if group["sinkgd"] else []):
-            self._check_shards(p, f"param group {len(self.param_groups) - 1}'s tensor {i}", group)
+            check_shards(p, f"param group {len(self.param_groups) - 1}'s tensor {i}", group)
         self.matrix_shapes.append([p.shape for p in group["params"]])
-
-    @staticmethod
-    def _check_shards(p: Tensor, which: str, group: dict) -> None:
-        """A DTensor is read exactly where its rows and columns are whole or split: Shard and
-        Replicate placements of (out, in) matrices or (experts, out, in) stacks."""
-        placements = tuple(getattr(p, "placements", ()))
-        why = ("a Partial placement (a sum not yet reduced)" if any(
-                   placement.is_partial() for placement in placements) else
-               "shards of an (in, out) group (transposed=True)" if group["transposed"] else
-               "shards of flattened expert stacks (experts=E)" if group.get("experts") else None)
-        if placements and why:
-            raise ValueError(f"SinkGD: {which} is a DTensor, shape {tuple(p.shape)}, placements "
-                             f"{placements}, and SinkGD does not normalize {why} exactly: use "
-                             "Shard or Replicate placements of (out, in) matrices, or give it to "
-                             "AdamW (sinkgd=False)")
 
     def _check_matrices(self) -> None:
         """A wrapper (DeepSpeed ZeRO, FSDP1) may have made a group's matrices flat pieces."""
@@ -280,47 +251,12 @@ class SinkGD(torch.optim.Optimizer):
 
     def _found_inf(self) -> Tensor | None:
         """1.0 on the device if a gradient is not finite, else 0.0; by min and max, not a norm.
-        With DTensors, the flag is the largest over all ranks: a NaN in one shard skips them all."""
+        With DTensors, over all ranks."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grads = [local(p.grad) for p in params if local(p.grad).numel()]
-        extremes = [x for g in grads for x in torch.aminmax(g)]
-        sharded = any(hasattr(p, "placements") for p in params)
-        if not extremes and not sharded:
+        grads = [g for g in (local(p.grad) for p in params) if g.numel()]
+        if not grads and not sharded(params):
             return None
+        extremes = [x for g in grads for x in torch.aminmax(g)]
         flag = (torch.stack(extremes).isfinite().all().logical_not().float() if extremes else
-                torch.zeros((), device=params[0].device))
-        return reduce_over([dist.group.WORLD])(flag, "max") if sharded else flag
-
-
-# ---------------------------------------------------------------------------------------------
-# DTensors (FSDP2, tensor parallel): each rank holds a piece of a matrix, and Alg. 3's sums of a
-# row over the ranks that split its columns, and of a column over those that split its rows.
-
-
-def local(t: Tensor) -> Tensor:  # a DTensor's shard on this rank; any other tensor as it is
-    return t.to_local() if hasattr(t, "placements") else t
-
-
-def reduce_over(groups: list):
-    """(t, op) -> t all-reduced in place over each process group in turn; none: `whole`."""
-    def reduce(t: Tensor, op: str) -> Tensor:
-        for group in groups:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
-                            group=group)
-        return t
-    return reduce if groups else whole
-
-
-def split_of(p: Tensor) -> Split | None:
-    """How p's shard lies: over the mesh dimensions that split its rows (dim -2), and those that
-    split its columns (dim -1). A split of an expert stack's first dimension leaves its matrices
-    whole. Shard and FSDP2's _StridedShard have a dim; Replicate splits nothing."""
-    if not hasattr(p, "placements"):
-        return None
-    rows, cols = [], []
-    for mesh_dim, placement in enumerate(getattr(p, "placements", ())):
-        dim = getattr(placement, "dim", None)
-        if dim is not None and dim % p.dim() >= p.dim() - 2:
-            split = rows if dim % p.dim() == p.dim() - 2 else cols
-            split.append(p.device_mesh.get_group(mesh_dim))
-    return Split(reduce_over(rows), reduce_over(cols), *p.shape[-2:])
+                local(params[0]).new_zeros(()))
+        return max_over_ranks(flag) if sharded(params) else flag

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sinkgd import SinkGD, Sums, prescale, rebuild_, row_abs_max, sinkhorn, work_dtype
+from sinkgd_dtensor import REDUCE_OPS
 
 
 @dataclass
@@ -103,9 +104,6 @@ def partition_sums(blocks, part: Partition, out: Tensor, all_reduce) -> Sums:
     rows = summed(v_in, row_sums, [(row_sums[r], x, v_in[c]) for r, c, _, x in blocks])
     cols = summed(u_in, col_sums, [(col_sums[c], x.t(), u_in[r]) for r, c, _, x in blocks])
     return Sums(rows, cols, col_max=lambda s: s.amax())
-
-
-REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 class ZeroSinkGD(SinkGD):

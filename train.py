@@ -47,7 +47,7 @@ class TrainConfig:
     data_dir: str = option("data/demo", "holds train_*.bin and val_*.bin from prepare_c4.py")
     out_dir: str = option("out/demo", "checkpoints and metrics.jsonl")
     optimizer: str = option("sinkgd", "sinkgd: the paper's hybrid (SinkGD on block matrices, AdamW on the rest); "
-                            "muon: torch.optim.Muon on those matrices instead", ("sinkgd", "adamw", "muon"))
+                            "adamw: AdamW on all; muon: torch.optim.Muon on its matrices", ("sinkgd", "adamw", "muon"))
     lr: float = option(0.02, "global lr: AdamW's, and Muon's; the SinkGD matrices get alpha * lr")
     alpha: float = option(0.05, "SinkGD's share of the lr (paper: 0.05)")
     sinkhorn_iters: int = option(5, "L, SR-Sinkhorn's iterations per step (paper: 5)")

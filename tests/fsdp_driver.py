@@ -26,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import Llama, LlamaConfig  # noqa: E402
-from sinkgd import SinkGD, local, sinkgd_param_groups  # noqa: E402
+from sinkgd import SinkGD, sinkgd_param_groups  # noqa: E402
+from sinkgd_dtensor import local  # noqa: E402
 
 # FSDP2 alone: gate_proj and up_proj (37, 32) and the head (97, 32) have rows that do not divide by 2 ranks.
 # With tensor parallelism they are (38, 32): 19 rows on each "tp" rank, which FSDP2 splits 10 + 9 over "dp"

@@ -1198,15 +1198,16 @@ def test_transposed_expert_tensors_follow_their_module():
 
 
 def test_pip_install_gives_the_optimizers_alone(tmp_path):
-    """pyproject.toml builds a wheel holding sinkgd.py, sinkgd_split.py and sinkgd_zero.py, whose one dependency is
-    torch; installed elsewhere, they import without DeepSpeed or transformers."""
+    """pyproject.toml builds a wheel holding the four sinkgd*.py modules, whose one dependency is torch; installed
+    elsewhere, they import without DeepSpeed or transformers."""
     import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    for name in ("pyproject.toml", "sinkgd.py", "sinkgd_split.py", "sinkgd_zero.py", "README.md", "LICENSE"):
+    modules = ["sinkgd.py", "sinkgd_dtensor.py", "sinkgd_split.py", "sinkgd_zero.py"]
+    for name in ("pyproject.toml", *modules, "README.md", "LICENSE"):
         shutil.copy(repo / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(tmp_path)], check=True, cwd=tmp_path, timeout=300)
@@ -1214,7 +1215,7 @@ def test_pip_install_gives_the_optimizers_alone(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         files = zf.namelist()
         metadata = zf.read(next(f for f in files if f.endswith("METADATA"))).decode()
-    assert sorted(f for f in files if ".dist-info/" not in f) == ["sinkgd.py", "sinkgd_split.py", "sinkgd_zero.py"]
+    assert sorted(f for f in files if ".dist-info/" not in f) == modules
     assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist")] == ["Requires-Dist: torch>=2.4"]
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),

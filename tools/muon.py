@@ -17,6 +17,7 @@ class MuonAdamW(SinkGD):
     def _sinkgd_update(self, group: dict, found_inf) -> None:
         if found_inf is not None and found_inf.item():
             return
+        # paired by position: load_state_dict replaces the group dicts, so a key by id would not last
         muon = next(m for g, m in zip(self.param_groups, self.muons) if g is group)
         muon.param_groups[0].update(lr=group["lr"], weight_decay=group["weight_decay"])  # as the schedule set them
         muon.state = self.state  # its buffers saved and loaded with this optimizer's state
