@@ -715,12 +715,16 @@ def test_muon_trains_checkpoints_and_resumes_bit_identically(data_dir, tmp_path,
     assert_same_tensors(final["optimizer"], reference["optimizer"])
 
 
-def test_cli_muon_under_zero_is_one_line_before_deepspeed_starts(tmp_path):
-    proc = run_cli("--optimizer", "muon", "--deepspeed_config", str(REPO / "ds_config.json"),
+@pytest.mark.parametrize("stage, dtype, here", [(2, "float32", "stage 2"), (0, "bfloat16", "stage 0, bf16")])
+def test_cli_muon_under_zero_or_bf16_is_one_line_before_deepspeed_starts(stage, dtype, here, tmp_path):
+    """ZeRO 1-3 hand the optimizer flat partitions, and so does DeepSpeed's bf16 wrapper at stage 0."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    proc = run_cli("--optimizer", "muon", "--dtype", dtype, "--deepspeed_config", str(config),
                    "--out_dir", str(tmp_path / "out"))
     assert proc.returncode == 1 and proc.stderr == (
         "error: --optimizer muon needs whole matrices, which DeepSpeed gives an optimizer only at ZeRO stage 0 in "
-        "float32 (here: stage 2): use stage 0 with --dtype float32, or one process without --deepspeed_config\n")
+        f"float32 (here: {here}): use stage 0 with --dtype float32, or one process without --deepspeed_config\n")
     assert not (tmp_path / "out").exists()
 
 
