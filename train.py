@@ -4,9 +4,7 @@
     python train.py --preset llama_60m --data_dir data/c4  # the paper's 60M recipe on one GPU
     python train.py --preset llama_60m --optimizer adamw --lr 1e-3  # or muon: the baselines
     python train.py --out_dir out/demo --resume            # continue from the newest intact checkpoint
-    deepspeed --num_gpus 8 train.py --preset llama_1b --deepspeed_config ds_config.json
-
-Options are the fields of TrainConfig, given as --key value; --preset picks a starting point; --help lists them.
+    deepspeed --num_gpus 8 train.py --preset llama_1b --deepspeed_config ds_config.json  # options: --help
 """
 import argparse
 import json
@@ -397,13 +395,14 @@ def train(cfg: TrainConfig) -> dict:
 def main(argv=None) -> None:
     try:
         result = train(parse_config(sys.argv[1:] if argv is None else argv))
+        if result and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"final validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     except (ConfigError, zero.ConfigFileError, prepare_c4.ShardError, checkpoint.CheckpointError, FileNotFoundError,
             FloatingPointError, OSError) as e:
         sys.exit(f"error: {e}")
-    if result and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"final validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
-    if dist.is_initialized():  # before exit: gloo's threads torn down by the interpreter can abort the process
-        dist.destroy_process_group()
+    finally:  # on errors too: gloo's threads torn down by the interpreter at exit can abort the process
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
