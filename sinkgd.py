@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-from sinkgd_dtensor import Split, check_shards, local, max_over_ranks, sharded, split_of, whole
+from sinkgd_dtensor import (Split, check_shards, gradient, largest_shard, local, max_over_ranks,
+                            place_gradient, sharded, split_of, stepped, whole)
 from sinkgd_split import describe_split, sinkgd_param_groups  # noqa: F401  (re-exported)
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +61,8 @@ def work_dtype(grad: Tensor) -> torch.dtype:  # float32 for bf16 and float32, fl
 
 
 def row_abs_max(G: Tensor) -> Tensor:  # (..., m, n) -> (..., m); two reductions beat aminmax
+    if not G.shape[-1]:  # a shard with no columns
+        return G.new_zeros(G.shape[:-1], dtype=work_dtype(G))
     return torch.maximum(G.amax(dim=-1), G.amin(dim=-1).neg()).to(work_dtype(G))
 
 
@@ -104,7 +107,7 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None,
         raise ValueError("sr_sinkhorn expects a matrix or a stack of matrices, got shape "
                          f"{tuple(grad.shape)}")
     across_rows, across_cols, m, n = split or (whole, whole, *grad.shape[-2:])
-    G = grad.reshape(-1, *grad.shape[-2:])  # (k, m, n) here, a view for SinkGD's layouts
+    G = grad.reshape(math.prod(grad.shape[:-2]), *grad.shape[-2:])  # (k, m, n): a view, for SinkGD
     out = None if out is None else out.view(G.shape)
     # 1. prescale: B = (G / row max)^2, (k, m, n)
     B = prescale(G, across_cols(row_abs_max(G), "max")[..., None], out=out)
@@ -112,7 +115,8 @@ def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None,
     B_t = B.mT
     sums = Sums(rows=lambda v: across_cols(torch.bmm(v, B_t), "sum"),
                 cols=lambda u: across_rows(torch.bmm(u, B), "sum"),
-                col_max=lambda s: across_cols(s.amax(dim=-1, keepdim=True), "max"))  # per matrix
+                col_max=lambda s: across_cols(s.amax(dim=-1, keepdim=True) if s.shape[-1] else
+                                              s.new_zeros(len(s), 1, 1), "max"))  # per matrix
     u, v = sinkhorn(sums, B.new_ones(len(B), 1, G.shape[-1]), n, m, num_iters)
     # 3. rebuild: X = sqrt(u B v) with G's signs
     return rebuild_(B, u.mT, v, G).view(grad.shape)
@@ -130,9 +134,10 @@ class SinkGD(torch.optim.Optimizer):
     Groups with sinkgd=False (the paper's embedding, norms, head) step by torch's fused AdamW.
     transposed=True: weights stored (..., in, out). experts=E: E matrices flattened along rows.
     Same-shape matrices run as one sr_sinkhorn per stack of at most stack_bytes (bytes, or a dict
-    per device type). DTensor shards (FSDP2, tensor parallel) are read where they lie. A
-    non-finite gradient raises FloatingPointError, or with skip_nonfinite=True sets `overflow`;
-    either way no weight or AdamW state changes."""
+    per device type). DTensor shards (FSDP2, tensor parallel) are read where they lie, each
+    gradient first laid out as its parameter; a missing one reads as zeros. A non-finite
+    gradient raises FloatingPointError, or with skip_nonfinite=True sets `overflow`; either way no
+    weight or AdamW state changes."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True,
@@ -157,6 +162,8 @@ class SinkGD(torch.optim.Optimizer):
         self._check_matrices()
         with torch.enable_grad():
             loss = closure() if closure is not None else None
+        for p in (p for g in self.param_groups for p in g["params"] if hasattr(p, "placements")):
+            p.grad = None if p.grad is None else place_gradient(p)  # laid out as p
         found_inf = self._found_inf()  # 1.0 on the device if any gradient is not finite
         for group in self.param_groups:
             (self._sinkgd_update if group["sinkgd"] else self._adamw_update)(group, found_inf)
@@ -173,7 +180,7 @@ class SinkGD(torch.optim.Optimizer):
             return t.mT if group["transposed"] else t
         stacks, workspace = self._stacks(group)  # workspace: X of each stack in turn
         for stack in stacks:
-            grads = [as_paper(local(p.grad)) for p in stack]  # local: a DTensor's shard
+            grads = [as_paper(gradient(p)) for p in stack]  # a DTensor's: its shard's
             G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n)
             X = sr_sinkhorn(G, group["sinkhorn_iters"], workspace[:G.numel()].view(G.shape),
                             split_of(stack[0]))
@@ -193,13 +200,13 @@ class SinkGD(torch.optim.Optimizer):
 
     def _adamw_update(self, group: dict, found_inf: Tensor | None) -> None:
         """torch.optim.AdamW(fused=True)'s math, on its state, made on first use."""
-        params = [p for p in group["params"] if p.grad is not None]
+        params = [p for p in group["params"] if stepped(p)]
         for p in params:
             self.state[p] = self.state[p] or dict(step=torch.zeros((), device=p.device),
                                                   exp_avg=torch.zeros_like(p),
                                                   exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        adamw([local(p) for p in params], [local(p.grad) for p in params],
+        adamw([local(p) for p in params], [gradient(p) for p in params],
               [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states], [],
               [s["step"] for s in states], fused=True,
               found_inf=found_inf, amsgrad=False, beta1=group["betas"][0],
@@ -213,19 +220,19 @@ class SinkGD(torch.optim.Optimizer):
         """The matrices with gradients, by shape, dtype and device, in stacks of at most
         stack_bytes of gradient copy and float32 X each (at least one matrix); and a workspace."""
         by_shape, stacks = defaultdict(list), []
-        for p in (p for p in group["params"] if p.grad is not None):
-            split = (tuple(p.placements), id(p.device_mesh)) if hasattr(p, "placements") else None
-            by_shape[local(p).shape, p.shape, split, p.grad.dtype, p.device].append(p)
-        for (shape, _, _, dtype, device), same in by_shape.items():
+        for p in filter(stepped, group["params"]):  # the same on every rank, as the keys are
+            split = (tuple(p.placements), p.device_mesh) if hasattr(p, "placements") else None
+            by_shape[p.shape, split, (p if p.grad is None else p.grad).dtype, p.device].append(p)
+        for (_, _, dtype, device), same in by_shape.items():
             budget = self.stack_bytes
             budget = budget.get(device.type, 0) if isinstance(budget, dict) else budget
-            k = max(1, budget // (shape.numel() * (dtype.itemsize + 4)))
+            k = max(1, budget // (max(1, largest_shard(same[0])) * (dtype.itemsize + 4)))
             stacks += [same[i:i + k] for i in range(0, len(same), k)]
         if not stacks:
             return [], None
-        first = stacks[0][0]
+        first = gradient(stacks[0][0])
         return stacks, torch.empty(max(len(s) * local(s[0]).numel() for s in stacks),
-                                   dtype=work_dtype(first.grad), device=first.device)
+                                   dtype=work_dtype(first), device=first.device)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -251,12 +258,12 @@ class SinkGD(torch.optim.Optimizer):
 
     def _found_inf(self) -> Tensor | None:
         """1.0 on the device if a gradient is not finite, else 0.0; by min and max, not a norm.
-        With DTensors, over all ranks."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grads = [g for g in (local(p.grad) for p in params) if g.numel()]
+        With DTensors, over all ranks of their meshes."""
+        params = [p for group in self.param_groups for p in group["params"] if stepped(p)]
+        grads = [g for g in (gradient(p) for p in params) if g.numel()]
         if not grads and not sharded(params):
             return None
         extremes = [x for g in grads for x in torch.aminmax(g)]
         flag = (torch.stack(extremes).isfinite().all().logical_not().float() if extremes else
-                local(params[0]).new_zeros(()))
-        return max_over_ranks(flag) if sharded(params) else flag
+                local(params[0]).new_zeros((), dtype=torch.float32))  # float32 on every rank
+        return max_over_ranks(flag, params) if sharded(params) else flag

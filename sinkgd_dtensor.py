@@ -2,8 +2,10 @@
 in pieces over ranks. Each rank holds a piece of a matrix; Alg. 3's sum of a row is all-reduced
 over the ranks that split its columns, and the sum of a column over those that split its rows.
 The iteration is sinkgd.sinkhorn's; this file only says over which ranks to reduce."""
+import math
 from typing import Callable, NamedTuple
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -30,6 +32,48 @@ def local(t: Tensor) -> Tensor:  # a DTensor's shard on this rank; any other ten
 
 def sharded(params) -> bool:
     return any(hasattr(p, "placements") for p in params)
+
+
+# What a rank decides alone must not change which collectives it makes: every decision below
+# reads what all ranks share (global shapes, placements, meshes), never a local shard's size.
+
+
+def stepped(p: Tensor) -> bool:
+    """Whether the step reads p. A DTensor that trains is read on every rank, gradient or not (a
+    rank's stacks and all-reduces must pair with the others'); other tensors when they have one."""
+    return p.grad is not None or (hasattr(p, "placements") and p.requires_grad)
+
+
+def gradient(p: Tensor) -> Tensor:
+    """p's gradient on this rank, laid out as local(p). A DTensor's missing gradient (None) reads
+    as zeros: a rank with no gradient for its shard contributes a zero one."""
+    return local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+
+
+def place_gradient(p: Tensor) -> Tensor:
+    """p.grad with p's placements, as torch's optimizers see it: a Partial gradient summed, a
+    Replicate one cut to p's shard (DTensor.redistribute). The global tensor is the same."""
+    grad = p.grad
+    if not hasattr(grad, "placements"):
+        raise ValueError(f"SinkGD: a DTensor parameter of shape {tuple(p.shape)} has a plain "
+                         "gradient, not a DTensor: set its .grad as a DTensor on its mesh")
+    if grad.placements != p.placements or grad.device_mesh != p.device_mesh:
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    if grad.to_local().shape != p.to_local().shape:
+        raise ValueError(f"SinkGD: the gradient of a DTensor of shape {tuple(p.shape)} holds "
+                         f"{tuple(grad.to_local().shape)} on this rank, not its shard's "
+                         f"{tuple(p.to_local().shape)}: nothing was updated")
+    return grad
+
+
+def largest_shard(p: Tensor) -> int:
+    """The elements of p's largest shard over all ranks (torch.chunk's split: the first rank's),
+    the same number on every rank; p's elements for a tensor held whole."""
+    shape = list(p.shape)
+    for mesh_dim, placement in enumerate(getattr(p, "placements", ())):
+        if (dim := getattr(placement, "dim", None)) is not None:
+            shape[dim] = -(-shape[dim] // p.device_mesh.size(mesh_dim))
+    return math.prod(shape)
 
 
 def reduce_over(groups: list):
@@ -71,6 +115,15 @@ def check_shards(p: Tensor, which: str, group: dict) -> None:
                          "(sinkgd=False)")
 
 
-def max_over_ranks(flag: Tensor) -> Tensor:
-    """The finiteness flag, the largest over all ranks: a NaN in one shard skips every rank."""
-    return reduce_over([dist.group.WORLD])(flag, "max")
+def max_over_ranks(flag: Tensor, params) -> Tensor:
+    """The finiteness flag, the largest over the ranks of params' meshes (not the world: they may
+    live on a sub-mesh): a NaN in one shard skips every rank. Over each dimension of each mesh, the
+    largest first; a mesh whose ranks lie in a kept one adds nothing and is left out."""
+    meshes = dict.fromkeys(p.device_mesh for p in params if hasattr(p, "placements"))
+    meshes = sorted(meshes, key=lambda mesh: -mesh.size())  # in the params' order where sizes tie
+    kept = []
+    for mesh in meshes:
+        if not any(set(mesh.mesh.flatten().tolist()) <= set(k.mesh.flatten().tolist())
+                   for k in kept):
+            kept.append(mesh)
+    return reduce_over([mesh.get_group(d) for mesh in kept for d in range(mesh.ndim)])(flag, "max")

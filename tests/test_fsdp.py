@@ -52,11 +52,12 @@ def test_fsdp2_with_tensor_parallelism_equals_one_process(fsdp_tp):
     assert_equal_weights(weights, driver.reference("fsdp_tp"), "fsdp_tp")
 
 
-def all_reduced(matrices, L=5):
+def all_reduced(matrices, mesh_dims, L=5):
     """The README's count of elements a rank all-reduces in one step: per matrix (m, n of its shard, and how many
     mesh dimensions split its rows and its columns), L n over each dimension that splits its rows (the column sums),
-    (L + 1) m + L - 1 over each that splits its columns (the row maxima, the row sums, the gauge); one flag."""
-    return 1 + sum(rows * L * n + cols * ((L + 1) * m + L - 1) for m, n, rows, cols in matrices)
+    (L + 1) m + L - 1 over each that splits its columns (the row maxima, the row sums, the gauge); the flag, once over
+    each dimension of the mesh."""
+    return mesh_dims + sum(rows * L * n + cols * ((L + 1) * m + L - 1) for m, n, rows, cols in matrices)
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "fsdp_tp"])
@@ -70,7 +71,7 @@ def test_the_step_gathers_nothing_and_all_reduces_the_stated_count(mode, request
         matrices = [(m, n, 1, 0) for m, n in shapes] * layers
     else:  # rank 0 (dp 0, tp 0): q, k, v, gate, up rows over both; o, down rows over dp and columns over tp
         matrices = ([(8, 32, 2, 0)] * 3 + [(10, 32, 2, 0)] * 2 + [(16, 16, 1, 1), (16, 19, 1, 1)]) * layers
-    assert sum(n for _, n in comm["sent"]) == all_reduced(matrices)
+    assert sum(n for _, n in comm["sent"]) == all_reduced(matrices, mesh_dims=1 if mode == "fsdp" else 2)
 
 
 def test_a_nan_in_one_shard_skips_the_step_on_every_rank(fsdp):
