@@ -392,10 +392,11 @@ def test_bf16_update_tracks_the_fp32_run(case, learnable_data_dir, single_proces
         # DeepSpeed starts from the model's weights in bf16
         change, ref_change = weights[name] - initial[name].bfloat16().float(), ref - initial[name]
         errors[name] = ((change - ref_change).norm() / ref_change.norm()).item()
-    # bf16 gradients move the change of a weight by up to 12% (SinkGD's matrices) and 5% (AdamW's parameters) in these
-    # 3 steps, the same at every stage; a step that is not the fp32 one, or a fragment in the wrong place, by more
+    # bf16 gradients move the change of a weight by up to 12% (SinkGD's matrices) and 5-9% (AdamW's parameters: 9.0%
+    # for layer 0's input_layernorm on a 2-core AMD EPYC, at this code and before it) in these 3 steps, the same at
+    # every stage; a step that is not the fp32 one, or a fragment in the wrong place, by more
     assert max(error for name, error in errors.items() if "_proj." in name) < 0.15, errors
-    assert max(error for name, error in errors.items() if "_proj." not in name) < 0.08, errors
+    assert max(error for name, error in errors.items() if "_proj." not in name) < 0.12, errors
     # and the master weights are fp32 values, not bf16 ones widened
     master = torch.cat([weights[name].flatten() for name in ref_weights if "_proj." in name])
     assert (master != master.bfloat16().float()).float().mean() > 0.9
