@@ -2,6 +2,7 @@
 Scalable LLM Training" (Scetbon, Ma, Gong, Meeds; arXiv 2502.06742). `sr_sinkhorn_paper` is Alg. 3
 as the paper writes it, `sr_sinkhorn` its fast form, `SinkGD` Alg. 4. The paper's split into SinkGD
 and AdamW groups, `sinkgd_param_groups`, is in sinkgd_split.py."""
+import itertools
 import math
 from collections import defaultdict
 from typing import Callable, NamedTuple
@@ -47,8 +48,8 @@ def sr_sinkhorn_paper(G: Tensor, num_iters: int = 5) -> Tensor:
 # v = c^2 (n,), and B = G^2 taken entrywise: row i's squared norm is u_i (B v)_i, column j's is
 # v_j (B^T u)_j. Each row of G is first divided by its largest magnitude; X does not change, as
 # its first step normalizes the rows, and B <= 1 cannot overflow. An entry at most 2^-63
-# (~1.08e-19) times its row's largest magnitude squares below float32's normal range and is set to
-# zero, so X is Alg. 3 of G with those entries zero (float64: 2^-511). The gauge (u, v) ->
+# (~1.08e-19) times its row's largest magnitude squares below float32's normal range and is left
+# out of the sums (float64: 2^-511), a change below their rounding. The gauge (u, v) ->
 # (u t, v / t) leaves X unchanged; before the last iteration v is scaled so that its smallest
 # nonzero entry is 1, which keeps u <= n whatever G's dynamic range. A zero row or column has a
 # zero sum; its scaling is set to 0, so it stays zero and adds nothing to the other sums. The
@@ -93,38 +94,48 @@ def sinkhorn(sums: Sums, v: Tensor, n, m, num_iters: int) -> tuple[Tensor, Tenso
     return u, v
 
 
-def rebuild_(B: Tensor, u: Tensor, v: Tensor, G: Tensor) -> Tensor:  # u (.., m, 1), v (.., 1, n)
-    """X = sqrt(u_i B_ij v_j) with G's signs, in B's memory."""
-    return B.mul_(u).mul_(v).sqrt_().copysign_(G)
+def rebuild(G: Tensor, row_max: Tensor, u: Tensor, v: Tensor, out: Tensor) -> Tensor:
+    """X = diag(r) G diag(c), r = sqrt(u) / row max (.., m, 1), c = sqrt(v) (.., 1, n), in out."""
+    tiny, eps = torch.finfo(row_max.dtype).tiny, torch.finfo(row_max.dtype).eps
+    r = u.sqrt().div_(row_max.clamp_min(tiny * eps))  # as in prescale; zero rows: u = 0
+    return torch.mul(G, r, out=out).mul_(v.sqrt())
 
 
-def sr_sinkhorn(grad: Tensor, num_iters: int = 5, out: Tensor | None = None,
+def sr_sinkhorn(grad: Tensor | list[Tensor], num_iters: int = 5, out: Tensor | None = None,
                 split: Split | None = None) -> Tensor:
     """Alg. 3 of every trailing (m, n) matrix of grad, like sr_sinkhorn_paper, in float32
-    (float64 if grad is). X is written into `out` (contiguous, grad's shape) when given.
-    split: grad's matrices are pieces of larger ones, held over ranks (sinkgd_dtensor.py)."""
-    if grad.dim() < 2:
-        raise ValueError("sr_sinkhorn expects a matrix or a stack of matrices, got shape "
-                         f"{tuple(grad.shape)}")
-    across_rows, across_cols, m, n = split or (whole, whole, *grad.shape[-2:])
-    G = grad.reshape(math.prod(grad.shape[:-2]), *grad.shape[-2:])  # (k, m, n): a view, for SinkGD
-    out = None if out is None else out.view(G.shape)
-    # 1. prescale: B = (G / row max)^2, (k, m, n)
-    B = prescale(G, across_cols(row_abs_max(G), "max")[..., None], out=out)
+    (float64 if grad is). grad may be a list of same-shape tensors, each read where it lies, X
+    then stacked. X is written into `out` (contiguous, X's shape) when given. split: grad's
+    matrices are pieces of larger ones, held over ranks (sinkgd_dtensor.py)."""
+    shape = grad.shape if torch.is_tensor(grad) else (len(grad), *grad[0].shape)  # X's shape
+    if len(shape) < 2:
+        raise ValueError(f"sr_sinkhorn expects a matrix or a stack of matrices, got shape {shape}")
+    across_rows, across_cols, m, n = split or (whole, whole, *shape[-2:])
+    Gs = [g.reshape(-1, *shape[-2:]) for g in (grad if isinstance(grad, list) else [grad])]
+    at = list(itertools.accumulate((len(g) for g in Gs), initial=0))  # Gs[i]: matrices at[i]:..
+    B = (torch.empty(at[-1], *shape[-2:], dtype=work_dtype(Gs[0]), device=Gs[0].device)
+         if out is None else out.view(at[-1], *shape[-2:]))  # (k, m, n)
+    # 1. prescale: B = (G / row max)^2
+    row_max = [row_abs_max(g) for g in Gs]
+    row_max = across_cols(row_max[0] if len(Gs) == 1 else torch.cat(row_max), "max")[..., None]
+    for G, a, b in zip(Gs, at, at[1:]):
+        prescale(G, row_max[a:b], out=B[a:b])
     # 2. iterate, on u (k, 1, m) and v (k, 1, n) as row vectors: v B^T is the CPU's fast bmm
     B_t = B.mT
     sums = Sums(rows=lambda v: across_cols(torch.bmm(v, B_t), "sum"),
                 cols=lambda u: across_rows(torch.bmm(u, B), "sum"),
                 col_max=lambda s: across_cols(s.amax(dim=-1, keepdim=True) if s.shape[-1] else
                                               s.new_zeros(len(s), 1, 1), "max"))  # per matrix
-    u, v = sinkhorn(sums, B.new_ones(len(B), 1, G.shape[-1]), n, m, num_iters)
-    # 3. rebuild: X = sqrt(u B v) with G's signs
-    return rebuild_(B, u.mT, v, G).view(grad.shape)
+    u, v = sinkhorn(sums, B.new_ones(len(B), 1, shape[-1]), n, m, num_iters)
+    # 3. rebuild: X = diag(r) G diag(c), in B's memory
+    for G, a, b in zip(Gs, at, at[1:]):
+        rebuild(G, row_max[a:b], u.mT[a:b], v[a:b], out=B[a:b])
+    return B.view(shape)
 
 
 # ---------------------------------------------------------------------------------------------
-# Alg. 4. STACK_BYTES: gradient copy and float32 X per stack, per device type (absent: one matrix
-# at a time).
+# Alg. 4. STACK_BYTES: float32 X per stack, and a GPU's copy of its gradients, per device type
+# (absent: one matrix at a time).
 STACK_BYTES = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}
 
 
@@ -181,8 +192,9 @@ class SinkGD(torch.optim.Optimizer):
         stacks, workspace = self._stacks(group)  # workspace: X of each stack in turn
         for stack in stacks:
             grads = [as_paper(gradient(p)) for p in stack]  # a DTensor's: its shard's
-            G = grads[0][None] if len(grads) == 1 else torch.stack(grads)  # (k, ..., m, n)
-            X = sr_sinkhorn(G, group["sinkhorn_iters"], workspace[:G.numel()].view(G.shape),
+            # one copy of the stack where a kernel costs more than a pass over it (a GPU)
+            G = grads if len(grads) == 1 or grads[0].is_cpu else torch.stack(grads)
+            X = sr_sinkhorn(G, group["sinkhorn_iters"], workspace[:len(grads) * grads[0].numel()],
                             split_of(stack[0]))
             self._apply([as_paper(local(p)) for p in stack], X, group, found_inf)
             del G  # before the next stack's copy is made
@@ -191,8 +203,8 @@ class SinkGD(torch.optim.Optimizer):
     def _apply(weights: list[Tensor], X: Tensor, group: dict, found_inf: Tensor | None) -> None:
         """W <- (1 - lr * weight_decay) W - lr * X for each weight; nothing on a skipped step."""
         lr, weight_decay = group["lr"], group["weight_decay"]
-        if found_inf is not None:
-            X.masked_fill_(found_inf > 0, 0.0)
+        if found_inf is not None and (found_inf.device.type != "cpu" or found_inf.item()):
+            X.masked_fill_(found_inf > 0, 0.0)  # a pass over X: on the CPU (read free) if skipped
         if weight_decay:
             keep = 1 if found_inf is None else 1 - found_inf  # 0 on a skipped step
             torch._foreach_mul_(weights, 1 - lr * weight_decay * keep)
@@ -218,7 +230,8 @@ class SinkGD(torch.optim.Optimizer):
 
     def _stacks(self, group: dict) -> tuple[list[list[Tensor]], Tensor | None]:
         """The matrices with gradients, by shape, dtype and device, in stacks of at most
-        stack_bytes of gradient copy and float32 X each (at least one matrix); and a workspace."""
+        stack_bytes of float32 X (and on a GPU the gradients' copy) each, at least one matrix; and a
+        workspace."""
         by_shape, stacks = defaultdict(list), []
         for p in filter(stepped, group["params"]):  # the same on every rank, as the keys are
             split = (tuple(p.placements), p.device_mesh) if hasattr(p, "placements") else None
@@ -226,7 +239,8 @@ class SinkGD(torch.optim.Optimizer):
         for (_, _, dtype, device), same in by_shape.items():
             budget = self.stack_bytes
             budget = budget.get(device.type, 0) if isinstance(budget, dict) else budget
-            k = max(1, budget // (max(1, largest_shard(same[0])) * (dtype.itemsize + 4)))
+            per = 4 + (dtype.itemsize if device.type != "cpu" else 0)  # X, and a copy of G on a GPU
+            k = max(1, budget // (max(1, largest_shard(same[0])) * per))
             stacks += [same[i:i + k] for i in range(0, len(same), k)]
         if not stacks:
             return [], None

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sinkgd import SinkGD, Sums, prescale, rebuild_, row_abs_max, sinkhorn, work_dtype
+from sinkgd import SinkGD, Sums, prescale, rebuild, row_abs_max, sinkhorn, work_dtype
 from sinkgd_dtensor import REDUCE_OPS
 
 
@@ -80,7 +80,7 @@ def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduc
     sums = partition_sums(blocks, part, out, all_reduce)
     u, v = sinkhorn(sums, out.new_ones(part.num_cols), part.n, part.m, num_iters)  # 2. iterate
     for rows, cols, g, x in blocks:  # 3. rebuild
-        rebuild_(x, u[rows, None], v[cols], g)
+        rebuild(g, row_max[rows, None], u[rows, None], v[cols], out=x)
     return out
 
 

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model import CONFIGS
 
 from sinkgd import SinkGD, describe_split, sinkgd_param_groups, sr_sinkhorn, sr_sinkhorn_paper
-from tools.bench_optimizer import sr_sinkhorn_multinorm, swan, whiten
+from tools.bench_optimizer import ZeroPathSinkGD, sr_sinkhorn_multinorm, swan, whiten
 from sinkgd_zero import Partition, Piece, ZeroSinkGD, all_reduce_over, sr_sinkhorn_sharded, zero_partitions
 
 
@@ -50,13 +50,15 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def assert_entrywise(out, expected, rtol):
+def assert_entrywise(out, expected, rtol, atol=0.0):
     """Every entry against its own reference value: exactly zero where the reference is, within rtol of it elsewhere
-    (a max-normalised error would leave entries far below the largest unchecked)."""
+    (a max-normalised error would leave entries far below the largest unchecked); atol: for expected entries below
+    the output dtype's normal range, which round there."""
     out, expected = torch.as_tensor(out).double(), torch.as_tensor(expected).double()
     zero = expected == 0
     assert (out[zero] == 0).all(), out[zero]
-    worst = ((out - expected).abs() / expected.abs())[~zero].max().item() if (~zero).any() else 0.0
+    err = ((out - expected).abs() - atol).clamp_min(0) / expected.abs()
+    worst = err[~zero].max().item() if (~zero).any() else 0.0
     assert worst < rtol, worst
 
 
@@ -146,37 +148,63 @@ def test_low_precision_input_is_computed_in_float32(dtype):
 THRESHOLD = 2.0**-63  # sr_sinkhorn's docstring: entries at most this times their row's largest magnitude count as 0
 
 
-def below_threshold_zeroed(g):
-    """g with the entries that sr_sinkhorn documents as treated as zero set to zero (float32 squares)."""
+def below_threshold_zeroed(g, dtype=torch.float32):
+    """g with the entries that sr_sinkhorn documents as left out of the sums set to zero (their squares)."""
     row_max = g.abs().amax(dim=1, keepdim=True)
-    return torch.where((g / row_max) ** 2 > torch.finfo(torch.float32).tiny, g, 0.0)
+    return torch.where((g / row_max) ** 2 > torch.finfo(dtype).tiny, g, 0.0)
 
 
-def test_entries_below_the_documented_threshold_count_as_zero():
+def documented(g, num_iters, dtype=torch.float32):
+    """sr_sinkhorn's documented result in float64: Alg. 3's row and column scalings of g with the entries below the
+    threshold zeroed (each step's factors multiplied up, one row or column at a time), applied to g itself: those
+    entries are scaled as their row and column are."""
+    x = below_threshold_zeroed(g.double(), dtype).numpy().copy()
+    m, n = x.shape
+    r, c = np.ones(m), np.ones(n)
+    for _ in range(num_iters):
+        for i in range(m):
+            norm = math.sqrt(sum(v * v for v in x[i]))
+            f = math.sqrt(n) / norm if norm > 0 else 0.0
+            x[i], r[i] = x[i] * f, r[i] * f
+        for j in range(n):
+            norm = math.sqrt(sum(v * v for v in x[:, j]))
+            f = math.sqrt(m) / norm if norm > 0 else 0.0
+            x[:, j], c[j] = x[:, j] * f, c[j] * f
+    return torch.from_numpy(r[:, None] * g.double().numpy() * c[None, :])
+
+
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def test_entries_below_the_documented_threshold_are_left_out_of_the_sums():
     g = uneven(9, 12, seed=13)
     row_max = g.abs().amax(dim=1)
-    g[0, 3] = 0.5 * THRESHOLD * row_max[0]  # below: zero
+    g[0, 3] = 0.5 * THRESHOLD * row_max[0]  # below: out of the sums, scaled as its row and column
     g[1, 4] = -4 * THRESHOLD * row_max[1]  # above: kept
     g[:, 7] = 1e-3 * THRESHOLD * row_max * torch.sign(g[:, 7])  # a whole column below: a zero column, not sqrt(m)
     g = g.float()
-    expected = below_threshold_zeroed(g.double())
-    assert expected[0, 3] == 0 and expected[1, 4] != 0 and (expected[:, 7] == 0).all()
+    zeroed = below_threshold_zeroed(g.double())
+    assert zeroed[0, 3] == 0 and zeroed[1, 4] != 0 and (zeroed[:, 7] == 0).all()
     for num_iters in (1, 5):
         out = sr_sinkhorn(g, num_iters)
-        assert_entrywise(out, reference(expected, num_iters), 1e-5)
-        assert out[1, 4] != 0
+        expected = documented(g, num_iters)
+        assert (expected[:, 7] == 0).all() and expected[0, 3] != 0
+        assert_entrywise(out, expected, 1e-5, atol=FLOAT32_TINY)
+        # the kept entries are Alg. 3 of the matrix with those entries zero
+        kept = zeroed != 0
+        assert_entrywise(out[kept], reference(zeroed, num_iters)[kept], 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extreme_finite_input_follows_the_documented_result(dtype):
     big, tiny = torch.finfo(dtype).max / 4, torch.finfo(dtype).tiny
     g = torch.tensor([[big, -big, 1.0, tiny], [1e-30, 2e-30, -1e-30, 0.0], [big, tiny, 0.0, 1.0]]).to(dtype)
-    expected = below_threshold_zeroed(g.double())
-    assert (expected[[0, 2], 2:] == 0).all() and expected[2, 1] == 0  # 1 and tiny next to big: below the threshold
+    zeroed = below_threshold_zeroed(g.double())
+    assert (zeroed[[0, 2], 2:] == 0).all() and zeroed[2, 1] == 0  # 1 and tiny next to big: below the threshold
     for num_iters in (1, 5, 50):
         out = sr_sinkhorn(g, num_iters)
         assert torch.isfinite(out).all()
-        assert_entrywise(out, reference(expected, num_iters), 1e-5)
+        assert_entrywise(out, documented(g, num_iters), 1e-5, atol=FLOAT32_TINY)
     huge = uneven(6, 5, seed=9) * 1e30
     assert_entrywise(sr_sinkhorn(huge.float()), reference(huge.float().double() / 1e30, 5), 1e-5)
 
@@ -189,24 +217,20 @@ def test_wide_dynamic_range_against_the_reference():
             m, n = torch.randint(1, 12, (2,), generator=gen).tolist()
             g = torch.randn(m, n, generator=gen, dtype=torch.float64)
             g = (g * torch.exp(spread * torch.rand(m, n, generator=gen, dtype=torch.float64) - spread)).float()
-            expected = below_threshold_zeroed(g.double())
-            zeroed += int((expected == 0).sum())
+            zeroed += int((below_threshold_zeroed(g.double()) == 0).sum())
             out = sr_sinkhorn(g)
             assert torch.isfinite(out).all()
-            assert_entrywise(out, reference(expected, 5), 1e-5)
+            assert_entrywise(out, documented(g, 5), 1e-5, atol=FLOAT32_TINY)
     assert zeroed > 10  # the threshold was exercised
 
 
 def test_float64_threshold_is_2_to_the_minus_511():
     g = uneven(7, 9, seed=21)
     row_max = g.abs().amax(dim=1)
-    g[0, 2] = 0.5 * 2.0**-511 * row_max[0]  # squares below float64's normal range: zero
+    g[0, 2] = 0.5 * 2.0**-511 * row_max[0]  # squares below float64's normal range: out of the sums
     g[1, 3] = 4 * 2.0**-511 * row_max[1]  # kept, though below float32's threshold by far
-    expected = g.clone()
-    expected[0, 2] = 0
-    out = sr_sinkhorn(g)
-    assert out[1, 3] != 0
-    assert_entrywise(out, reference(expected, 5), 1e-10)
+    assert below_threshold_zeroed(g, torch.float64)[0, 2] == 0 and below_threshold_zeroed(g, torch.float64)[1, 3]
+    assert_entrywise(sr_sinkhorn(g), documented(g, 5, torch.float64), 1e-10)
 
 
 def test_non_contiguous_input():
@@ -741,13 +765,14 @@ def transient_bytes(step) -> int:
 
 
 def test_transient_memory_is_bounded_by_stack_bytes_or_the_largest_matrix():
-    """The README's bound: a step's extra memory is at most stack_bytes (a stack's gradient copy and its float32 X),
-    or one float32 matrix when a matrix alone exceeds it (a lone matrix is not copied), plus O(k (m + n)) vectors."""
+    """The README's bound: a step's extra memory is at most stack_bytes (a stack's float32 X; a GPU's stacks add a
+    copy of their gradients, the CPU reads them where they lie), or one float32 matrix when a matrix alone exceeds it,
+    plus O(k (m + n)) vectors."""
     shapes = [(64, 128)] * 8 + [(128, 64)] * 2 + [(256, 96)]
     params = [nn.Parameter(torch.zeros(s)) for s in shapes]
     with_grads(params)
     vectors = 4 * 4 * sum(m + n for m, n in shapes)  # four float32 (m + n)-vectors per matrix: u, v, row maxima
-    four = 4 * 64 * 128 * (4 + 4)  # four (64, 128) matrices: gradient copy and X
+    four = 4 * 64 * 128 * 4  # four (64, 128) float32 X (on a GPU: two, and their gradients' copy)
 
     peak = transient_bytes(SinkGD(params, stack_bytes=four).step)
     assert four * 3 // 4 < peak <= four + vectors  # the budget is used, and held to
@@ -757,6 +782,51 @@ def test_transient_memory_is_bounded_by_stack_bytes_or_the_largest_matrix():
     ignored = SinkGD(params, stack_bytes=four)
     ignored.stack_bytes = 2**30
     assert transient_bytes(ignored.step) > four + vectors
+
+
+def test_bench_optimizers_zero_path_row_steps_as_sinkgd():
+    """tools.bench_optimizer's "ZeRO's path" row times sinkgd_zero on one flat partition: the same update as SinkGD."""
+    shapes = [(6, 9), (9, 6), (6, 9)]
+    params = [nn.Parameter(uneven(m, n, seed=k, dtype=torch.float32)) for k, (m, n) in enumerate(shapes)]
+    for k, p in enumerate(params):
+        p.grad = uneven(*p.shape, seed=10 + k, dtype=torch.float32)
+    zero_path = ZeroPathSinkGD(params, lr=0.1)
+    zero_path.step()
+    SinkGD(params, lr=0.1).step()
+    assert torch.allclose(zero_path.weight, torch.cat([p.detach().reshape(-1) for p in params]), atol=1e-6)
+
+
+class Copies(TorchDispatchMode):
+    """The largest output of aten.cat or aten.stack inside the mode, in elements."""
+
+    def __enter__(self):
+        self.largest = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.cat.default, torch.ops.aten.stack.default):
+            self.largest = max(self.largest, out.numel())
+        return out
+
+
+def test_the_cpu_step_reads_each_gradient_where_it_lies_and_masks_only_a_skipped_step():
+    """On the CPU a stack's gradients are not copied into one tensor (no cat), so stack_bytes buys float32 X alone,
+    and the finiteness flag, read at no cost there, spares the pass that zeroes X on a step that is not skipped."""
+    params = [nn.Parameter(torch.zeros(64, 128)) for _ in range(8)]
+    with_grads(params)
+    opt = SinkGD(params, stack_bytes=4 * 64 * 128 * 4, skip_nonfinite=True)  # four float32 X
+    with OpCounter() as counter, Copies() as copies:
+        opt.step()
+    assert copies.largest < 64 * 128  # row maxima and flags are concatenated, never a gradient
+    assert counter.ops["aten.bmm.default"] == 2 * 5 * 2  # two stacks of four, L = 5, two products each
+    assert "aten.masked_fill_.Scalar" not in counter.ops and "aten.masked_fill_.Tensor" not in counter.ops
+    params[3].grad[1, 2] = float("nan")
+    before = [p.detach().clone() for p in params]
+    with OpCounter() as counter:
+        opt.step()
+    assert opt.overflow and all(torch.equal(b, p) for b, p in zip(before, params))
+    assert counter.ops["aten.masked_fill_.Tensor"] + counter.ops["aten.masked_fill_.Scalar"] == 2  # per stack
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3])
