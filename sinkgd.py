@@ -111,7 +111,8 @@ def sr_sinkhorn(grad: Tensor | list[Tensor], num_iters: int = 5, out: Tensor | N
     if len(shape) < 2:
         raise ValueError(f"sr_sinkhorn expects a matrix or a stack of matrices, got shape {shape}")
     across_rows, across_cols, m, n = split or (whole, whole, *shape[-2:])
-    Gs = [g.reshape(-1, *shape[-2:]) for g in (grad if isinstance(grad, list) else [grad])]
+    Gs = [g.reshape(math.prod(g.shape[:-2]), *shape[-2:])  # (k_i, m, n) views; k_i may be 0
+          for g in (grad if isinstance(grad, list) else [grad])]
     at = list(itertools.accumulate((len(g) for g in Gs), initial=0))  # Gs[i]: matrices at[i]:..
     B = (torch.empty(at[-1], *shape[-2:], dtype=work_dtype(Gs[0]), device=Gs[0].device)
          if out is None else out.view(at[-1], *shape[-2:]))  # (k, m, n)

@@ -277,7 +277,7 @@ def run_dtensor_case(spec: dict, meshes: Meshes) -> list:
             p.grad = None if here and fault == "none" and p is sharded[faulty] else g
         nonfinite = torch.tensor([float(not torch.cat([w.grad.flatten() for w in whole]).isfinite().all())])
         dist.all_reduce(nonfinite, dist.ReduceOp.MAX, group=group)  # a NaN in one replica skips the step too
-        before = [p.full_tensor() for p in sharded]
+        before = [p.full_tensor() for p in sharded] if nonfinite.item() else []
         with Collectives() as sent:
             optimizer.step()
         failures.append(same_collectives(sent.calls, group))

@@ -16,36 +16,37 @@ from common import REPO, launcher
 pytest.importorskip("deepspeed")
 
 SEED = int(os.environ.get("SHARDING_SEED", 2026))
-CASES, MODELS, ZEROS = 40, 4, 3  # per world size: DTensor cases, model cases (each kind in turn), ZeRO stages 1-3
+CASES, MODELS, ZEROS = 32, 4, 3  # per world size: DTensor cases, model cases (each kind in turn), ZeRO stages 1-3
 ORDER = [(4, None), (2, 4), (3, 2), (1, 3)]  # (world size, the world size whose checkpoint it resumes)
 KINDS = {1: {"fsdp"}, 2: {"fsdp", "hsdp", "tp"}, 3: {"fsdp"}, 4: {"fsdp", "hsdp", "tp", "fsdp_tp"}}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{world size: (rank 0's result, the launch's output)}; each launch resumes the previous one's checkpoint."""
-    results = {}
-    for world, load in ORDER:
-        out = tmp_path_factory.mktemp(f"world{world}")
-        args = [str(SEED), str(CASES), str(MODELS), str(ZEROS)] + ([str(results[load][2] / "dcp")] if load else [])
-        proc = subprocess.run(launcher(world) + [str(REPO / "tests" / "sharding_driver.py"), str(out), *args],
-                              cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=600)
-        files = sorted(out.glob("rank*.json"))
-        results[world] = ([json.loads(f.read_text()) for f in files], proc.stdout[-3000:] + proc.stderr[-6000:], out)
-    return results
+def launch(world: int, out, load) -> tuple[list[dict], str]:
+    """The driver at `world` ranks: every rank's result, and the launch's output."""
+    args = [str(SEED), str(CASES), str(MODELS), str(ZEROS)] + ([str(load)] if load else [])
+    proc = subprocess.run(launcher(world) + [str(REPO / "tests" / "sharding_driver.py"), str(out), *args], cwd=REPO,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    ranks = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+    return ranks, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_rank_equals_one_process_and_makes_the_same_collectives(runs, world):
-    ranks, output, _ = runs[world]
-    assert len(ranks) == world, f"world {world} (SHARDING_SEED={SEED}) did not finish:\n{output}"
-    for result in ranks:
-        failures = result["failures"]
-        assert not failures, (f"world {world}, SHARDING_SEED={SEED}: {len(failures)} failures, the first:\n"
-                              + json.dumps(failures[0], indent=1))
+def problems(world: int, ranks: list[dict], output: str) -> list[str]:
+    if len(ranks) != world:
+        return [f"world {world} (SHARDING_SEED={SEED}) did not finish:\n{output}"]
+    found = [f"world {world}, SHARDING_SEED={SEED}: {len(r['failures'])} failures on rank {i}, the first:\n"
+             + json.dumps(r["failures"][0], indent=1) for i, r in enumerate(ranks) if r["failures"]]
     cases = ranks[0]["cases"]
-    assert cases["dtensor"] == CASES and cases["resume"] == 1
-    assert {k for k in cases if k in KINDS[4]} == KINDS[world]  # every model kind this world size can run
-    assert sum(cases[k] for k in KINDS[world]) == MODELS
-    assert [cases.get(f"zero{stage}") for stage in (1, 2, 3)] == [1, 1, 1]
+    ran = dict(dtensor=cases["dtensor"], resume=cases["resume"], kinds={k for k in cases if k in KINDS[4]},
+               models=sum(cases[k] for k in KINDS[world]), zero=[cases.get(f"zero{s}") for s in (1, 2, 3)])
+    wanted = dict(dtensor=CASES, resume=1, kinds=KINDS[world], models=MODELS, zero=[1, 1, 1])
+    return found + ([] if ran == wanted else [f"world {world} ran {ran}, not {wanted}"])
+
+
+def test_every_world_size_equals_one_process_and_makes_the_same_collectives(tmp_path):
+    """One test, so that the four launches run once, one after another (the checkpoints pass along them)."""
+    found, saved = [], {}
+    for world, load in ORDER:
+        saved[world] = tmp_path / f"world{world}"
+        saved[world].mkdir()
+        found += problems(world, *launch(world, saved[world], saved[load] / "dcp" if load else None))
+    assert not found, "\n\n".join(found)
