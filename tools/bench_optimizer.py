@@ -13,6 +13,7 @@ This file also holds the paper's Alg. 1 (MultiNorm) written plainly, with SR-Sin
 sinkgd.sr_sinkhorn_paper) and SWAN as its instances: SWAN is the baseline whose cost SinkGD removes.
 """
 import argparse
+import itertools
 import json
 from typing import Callable
 
@@ -89,9 +90,8 @@ class ZeroPathSinkGD:
 
     def __init__(self, params, lr=1e-3, sinkhorn_iters=5):
         from sinkgd_zero import Partition, matrix_pieces
-        shapes, offsets = [p.shape for p in params], [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
+        shapes = [p.shape for p in params]
+        offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
         self.weight = torch.cat([p.detach().reshape(-1) for p in params])
         self.grad = torch.cat([p.grad.reshape(-1) for p in params])
         pieces = matrix_pieces(zip(shapes, offsets), 0, offsets[-1], 0)
