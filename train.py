@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -128,6 +129,10 @@ def build_parser(preset: str) -> ArgumentParser:
 
 def parse_config(argv: list[str]) -> TrainConfig:
     """The options given over the preset's values (TrainConfig's defaults, then PRESETS[--preset]); validated."""
+    argv = list(argv)
+    for i in reversed(range(1, len(argv))):  # argparse before Python 3.13 reads -1e-8 as an option's name
+        if argv[i - 1].startswith("--") and "=" not in argv[i - 1] and re.fullmatch(r"-[\d.]+e[-+]?\d+", argv[i], re.I):
+            argv[i - 1:i + 1] = [f"{argv[i - 1]}={argv[i]}"]
     preset = build_parser(TrainConfig.preset).parse_known_args(
         [a for a in argv if a not in ("-h", "--help")])[0].preset
     namespace, rest = build_parser(preset).parse_known_args(argv)
@@ -159,12 +164,41 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.max_bad_steps < 0 or cfg.muon_momentum < 0:
         raise ConfigError(f"--max_bad_steps and --muon_momentum must be >= 0, got {cfg.max_bad_steps} and "
                           f"{cfg.muon_momentum}")
+    for name, holds, must in (("weight_decay", 0 <= cfg.weight_decay < math.inf, ">= 0 (as in torch's optimizers)"),
+                              ("alpha", 0 < cfg.alpha < math.inf, "a positive number"),
+                              ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+                              ("adam_eps", 0 <= cfg.adam_eps < math.inf, ">= 0"),
+                              ("grad_clip", 0 <= cfg.grad_clip < math.inf, ">= 0 (0: off)"),
+                              ("warmup_frac", 0 <= cfg.warmup_frac <= 1, "in [0, 1]"),
+                              ("min_lr_frac", 0 <= cfg.min_lr_frac <= 1, "in [0, 1]")):
+        if not holds:
+            raise ConfigError(f"--{name} must be {must}, got {getattr(cfg, name)}")
     if Path(cfg.out_dir).resolve() == Path.cwd().resolve():
         raise ConfigError("--out_dir must not be the current directory: checkpoints are pruned there")
 
 
 # --------------------------------------------------------------------------------------------------
 # Optimizer and schedule, the one-process engine, evaluation and metrics.
+
+
+class MuonAdamW(SinkGD):
+    """torch.optim.Muon on the matrices SinkGD would get (the groups with sinkgd=True), its momentum buffers kept in
+    this optimizer's state; SinkGD's fused AdamW on the rest. So one schedule, checkpoint and non-finite skip serve
+    both. Muon takes no found_inf: a non-finite step is decided on the host before it, and skips everything."""
+
+    def __init__(self, params, momentum: float = 0.95, adjust_lr_fn: str | None = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.muons = [torch.optim.Muon(group["params"], momentum=momentum, adjust_lr_fn=adjust_lr_fn)
+                      if group["sinkgd"] else None for group in self.param_groups]
+
+    def _sinkgd_update(self, group: dict, found_inf) -> None:
+        if found_inf is not None and found_inf.item():
+            return
+        # paired by position: load_state_dict replaces the group dicts, so a key by id would not last
+        muon = next(m for g, m in zip(self.param_groups, self.muons) if g is group)
+        muon.param_groups[0].update(lr=group["lr"], weight_decay=group["weight_decay"])  # as the schedule set them
+        muon.state = self.state  # its buffers saved and loaded with this optimizer's state
+        muon.step()
 
 
 def build_optimizer(cfg: TrainConfig, model: Llama, optimizer_class=SinkGD) -> SinkGD:
@@ -176,7 +210,6 @@ def build_optimizer(cfg: TrainConfig, model: Llama, optimizer_class=SinkGD) -> S
         alpha = 1.0 if cfg.optimizer == "muon" else cfg.alpha
         groups = sinkgd_param_groups(model, model.model.layers, lr=cfg.lr, alpha=alpha, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "muon":
-        from tools.muon import MuonAdamW
         optimizer_class = partial(MuonAdamW, momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr)
     return optimizer_class(groups, lr=cfg.lr, sinkhorn_iters=cfg.sinkhorn_iters, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, skip_nonfinite=True)

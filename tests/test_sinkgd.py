@@ -445,6 +445,8 @@ def test_bad_hyperparameters_fail():
         SinkGD(mats, lr=0.0)
     with pytest.raises(ValueError, match="sinkhorn_iters"):
         SinkGD(mats, sinkhorn_iters=0)
+    with pytest.raises(ValueError, match=r"weight_decay >= 0, .* weight_decay=-0.1$"):
+        SinkGD(mats, weight_decay=-0.1)
 
 
 def test_params_without_grad_are_skipped():

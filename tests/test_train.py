@@ -1,5 +1,6 @@
 """train.py on CPU: config and presets, lr schedule, token loader, validation windows, the training loop,
 checkpoints and resume, command-line errors. A 2-layer, 32-wide LLaMA keeps every run to seconds."""
+import ast
 import json
 import math
 import os
@@ -512,6 +513,17 @@ def test_lr_must_be_positive_and_finite(lr):
         parse_config(["--lr", lr])
 
 
+@pytest.mark.parametrize("name, value, must", [
+    ("weight_decay", "-0.1", ">= 0 (as in torch's optimizers)"), ("weight_decay", "inf", ">= 0"),
+    ("alpha", "0", "a positive number"), ("beta1", "1", "in [0, 1)"), ("beta2", "-0.5", "in [0, 1)"),
+    ("beta2", "nan", "in [0, 1)"), ("adam_eps", "-1e-8", ">= 0"), ("grad_clip", "-1", ">= 0"),
+    ("warmup_frac", "1.5", "in [0, 1]"), ("min_lr_frac", "-0.1", "in [0, 1]")])
+def test_optimizer_settings_out_of_range_are_refused(name, value, must):
+    """Each would train: a negative weight decay grows the weights, beta1 = 1 freezes AdamW's first moment."""
+    with pytest.raises(ConfigError, match=rf"^--{name} must be {re.escape(must)}"):
+        parse_config([f"--{name}", value])
+
+
 @pytest.mark.parametrize("args", [["--preset", "llama_2b"], ["--model", "llama_2b"], ["--optimizer", "sgd"],
                                   ["--max_steps", "0"], ["--sinkhorn_iters", "0"], ["--out_dir", "."]])
 def test_other_invalid_settings(args, monkeypatch):
@@ -606,6 +618,21 @@ def test_cli_unknown_option_exits_with_one_error_line():
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--nonsense" in lines[0], proc.stderr
+
+
+def test_cli_negative_weight_decay_is_one_line_and_writes_nothing(tmp_path):
+    proc = run_cli("--weight_decay", "-0.1", "--out_dir", str(tmp_path / "out"))
+    assert proc.returncode == 1 and proc.stderr == (
+        "error: --weight_decay must be >= 0 (as in torch's optimizers), got -0.1\n"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_imports_nothing_from_tools():
+    """The layers run one way: tools/ use train.py, never the reverse (the Muon baseline lives in train.py)."""
+    tree = ast.parse((REPO / "train.py").read_text())
+    imported = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]
+    assert imported and not [m for m in imported if m and m.split(".")[0] == "tools"], imported
 
 
 def test_cli_missing_data_says_to_run_prepare(tmp_path):
