@@ -262,9 +262,46 @@ def test_compare_tunes_every_baseline_and_aggregates_the_seeds(tmp_path, monkeyp
     assert adamw["effective_throughput_ratio"]["mean"] == pytest.approx(0.9 * 50 / 40)
     assert muon["effective_throughput_ratio"]["mean"] == pytest.approx(900 / 950 * 50 / 35)
     assert muon["tokens_per_sec_ratio"] == pytest.approx(900 / 950)
+    # the curves are parallel: SinkGD 0.5 below AdamW and 0.6 below Muon at every horizon, in every seed
+    for name, gap in (("adamw", 0.5), ("muon", 0.6)):
+        horizon = summary["baselines"][name]["horizon"]
+        assert list(horizon) == ["15", "30", "50"]  # a third and two thirds of 50, down to an evaluated step
+        assert [h["gap"]["mean"] for h in horizon.values()] == [pytest.approx(gap)] * 3
+        assert [h["sinkgd_lower_in"] for h in horizon.values()] == [3] * 3
+    assert summary["baselines"]["adamw"]["horizon"]["30"]["sinkgd_loss"]["mean"] == pytest.approx(7.0 - 0.5 + 0.1)
     table = experiments.compare_table(summary)
-    assert "| AdamW | 0.005 (grid" in table and "| Muon | 0.001 (grid" in table and "| SinkGD | 0.02" in table
+    assert "| 30 | 7.100 ± 0.100 | 7.200 ± 0.100 | 6.600 ± 0.100 | 0.500 ± 0.000 (3 of 3) | 0.600 ± 0.000 (3 of 3) |" \
+        in table, table
+    assert "| AdamW | 0.005 (grid" and "| Muon | 0.001 (grid" in table and "| SinkGD | 0.02" in table
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == 3
+
+
+def test_horizon_gaps_read_each_seed_at_each_step():
+    """Curves that cross: the baseline ahead at step 10 in both seeds, SinkGD ahead at 30 in one seed. Each gap is
+    the pair of the same seed at the same evaluated step."""
+    baseline = [synthetic_metrics([5.0, 4.0, 3.0], 1, eval_interval=10, steps=30),
+                synthetic_metrics([5.2, 4.1, 3.2], 1, eval_interval=10, steps=30)]
+    sinkgd = [synthetic_metrics([5.5, 4.0, 2.9], 1, eval_interval=10, steps=30),
+              synthetic_metrics([5.3, 4.4, 3.3], 1, eval_interval=10, steps=30)]
+    rows = experiments.horizon_gaps(baseline, sinkgd, [10, 30])
+    assert list(rows) == ["10", "30"]
+    assert rows["10"]["gap"]["mean"] == pytest.approx(-0.3) and rows["10"]["sinkgd_lower_in"] == 0
+    assert (rows["30"]["gap"]["min"], rows["30"]["gap"]["max"]) == (pytest.approx(-0.1), pytest.approx(0.1))
+    assert rows["30"]["sinkgd_lower_in"] == 1 and rows["30"]["loss"]["mean"] == pytest.approx(3.1)
+    assert rows["30"]["sinkgd_loss"]["mean"] == pytest.approx(3.1)
+    with pytest.raises(StopIteration):  # a step without an evaluation has no value to read
+        experiments.horizon_gaps(baseline, sinkgd, [15])
+
+
+@pytest.mark.parametrize("horizons", [["7"], ["0"], ["60"], ["25", "50"]])
+def test_horizons_must_be_evaluated_steps(horizons, tmp_path):
+    with pytest.raises(SystemExit, match=r"--horizons must be steps that are evaluated: multiples of --eval_interval "
+                       r"10 up to --max_steps 55"):
+        experiments.main(["compare", "--data_dir", str(tmp_path), "--max_steps", "55", "--eval_interval", "10",
+                          "--horizons", *horizons])
+    args, _ = experiments.parser().parse_known_args(["compare", "--max_steps", "55", "--eval_interval", "10",
+                                                     "--horizons", "20", "55"])
+    assert experiments.horizon_steps(args) == [20, 55]
 
 
 def test_compare_with_muon_on_a_tiny_run(data_dir, tmp_path):

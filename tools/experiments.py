@@ -81,6 +81,29 @@ def final_val_loss(metrics: list[dict]) -> float:
     return [m["val_loss"] for m in metrics if "val_loss" in m][-1]
 
 
+def val_loss_at(metrics: list[dict], step: int) -> float:
+    return next(m["val_loss"] for m in metrics if m["step"] == step and "val_loss" in m)
+
+
+def horizon_gaps(baseline_runs: list[list[dict]], sinkgd_runs: list[list[dict]], steps: list[int]) -> dict:
+    """At each of `steps`, the baseline's validation loss minus SinkGD's, per seed (the runs paired by seed, evaluated
+    on the same windows), read off the curves of the full-length runs: a point on the whole schedule, not the end of a
+    shorter run."""
+    rows = {}
+    for step in steps:
+        gaps = [val_loss_at(b, step) - val_loss_at(s, step) for b, s in zip(baseline_runs, sinkgd_runs, strict=True)]
+        rows[str(step)] = {"loss": spread([val_loss_at(b, step) for b in baseline_runs]),
+                           "sinkgd_loss": spread([val_loss_at(s, step) for s in sinkgd_runs]),
+                           "gap": spread(gaps), "sinkgd_lower_in": sum(g > 0 for g in gaps)}
+    return rows
+
+
+def horizon_steps(args) -> list[int]:
+    """--horizons, or a third, two thirds (down to an evaluated step) and all of --max_steps."""
+    thirds = [args.max_steps * k // 3 // args.eval_interval * args.eval_interval for k in (1, 2)]
+    return args.horizons or sorted({s for s in thirds if s > 0} | {args.max_steps})
+
+
 def steps_to_reach(metrics: list[dict], target: float) -> int | None:
     """The first evaluated step whose validation loss is at or below target; None if none is."""
     return next((m["step"] for m in metrics if "val_loss" in m and m["val_loss"] <= target), None)
@@ -240,12 +263,15 @@ def compare(args, passthrough: list[str]) -> dict:
             "sinkgd_steps_to_its_final": spread([r["sinkgd_steps"] for r in per_seed]),
             "tokens_per_sec_ratio": speed["sinkgd"] / speed[b],
             "effective_throughput_ratio": spread([r["effective_throughput_ratio"] for r in per_seed]),
-            "per_seed": per_seed}
+            "per_seed": per_seed,
+            "horizon": horizon_gaps([metrics[(runs[b], s)] for s in range(args.seeds)],
+                                    [metrics[("sinkgd", s)] for s in range(args.seeds)], horizon_steps(args))}
     errors = spread([e["standard_error"] for e in evaluations.values()])
     for summary_b in baselines.values():
         summary_b["standard_error_below_a_tenth_of_gap"] = errors["max"] < abs(summary_b["gap"]["mean"]) / 10
     summary = setup(args, passthrough) | {
         "seeds": args.seeds, "sinkgd_args": " ".join(SINKGD_ARGS), "interleaved_tokens_per_sec": speed,
+        "eval_tokens": args.eval_tokens,
         "final_eval_tokens": args.final_eval_tokens,
         "final_eval_windows": evaluations[("sinkgd", 0)]["windows"],
         "sinkgd_final_val_loss": spread([evaluations[("sinkgd", s)]["loss"] for s in range(args.seeds)]),
@@ -286,7 +312,25 @@ def compare_table(s: dict) -> str:
                      f"{s['final_val_standard_error']['max']:.4f}: "
                      f"{'below' if b['standard_error_below_a_tenth_of_gap'] else 'NOT below'} a tenth of it). "
                      f"Best lr {'inside' if b['best_lr_is_interior'] else 'AT THE EDGE of'} the searched grid.")
-    return "\n".join(lines)
+    return "\n".join(lines + horizon_table(s))
+
+
+def horizon_table(s: dict) -> list[str]:
+    """The validation loss on the curves' windows at each horizon step, and each baseline's gap to SinkGD."""
+    pm = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"
+    gap = lambda r: f"{pm(r['gap'])} ({r['sinkgd_lower_in']} of {r['gap']['n']})"
+    names = list(s["baselines"])
+    first = s["baselines"][names[0]]["horizon"]
+    lines = ["", f"Along the {s['max_steps']}-step runs (validation loss on the first {s['eval_tokens']} val tokens, "
+             "as the curves; a positive gap: SinkGD lower):", "",
+             f"| step | {' | '.join(LABELS[b] for b in names)} | SinkGD | "
+             f"{' | '.join(f'{LABELS[b]} - SinkGD (SinkGD lower in)' for b in names)} |",
+             "|---" * (2 * len(names) + 2) + "|"]
+    for step in first:
+        rows = [s["baselines"][b]["horizon"][step] for b in names]
+        lines.append(f"| {step} | {' | '.join(pm(r['loss']) for r in rows)} | {pm(first[step]['sinkgd_loss'])} | "
+                     f"{' | '.join(gap(r) for r in rows)} |")
+    return lines
 
 
 def ablation(args, passthrough: list[str]) -> dict:
@@ -478,6 +522,9 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--eval_tokens", type=int, default=32 * 129, help="validation budget of those evaluations")
         c.add_argument("--final_eval_tokens", type=int, default=10_000_000, help="validation budget of the final "
                        "evaluation and its standard error (default: all of a C4-sample or demo val split)")
+        if name == "compare":
+            c.add_argument("--horizons", type=int, nargs="+", help="steps at which the table gives each baseline's "
+                           "gap to SinkGD, each an evaluated step (default: a third, two thirds and all of the run)")
         c.add_argument("--timing_steps", type=int, default=10, help="training steps timed per variant, in turn")
         c.add_argument("--out_dir", default=f"out/{name}")
         if name == "compare":
@@ -508,6 +555,10 @@ def main(argv=None) -> None:
             sys.exit(0 if plot_runs(args.run_dirs, args.out) else 1)
         else:
             train.parse_config(run_args(args, passthrough))  # a bad option fails here, before any run
+            if args.command == "compare" and any(not 0 < h <= args.max_steps or h % args.eval_interval and
+                                                 h != args.max_steps for h in args.horizons or []):
+                raise train.ConfigError(f"--horizons must be steps that are evaluated: multiples of --eval_interval "
+                                        f"{args.eval_interval} up to --max_steps {args.max_steps}, got {args.horizons}")
             {"compare": compare, "ablation": ablation}[args.command](args, passthrough)
     except (train.ConfigError, FileNotFoundError, subprocess.CalledProcessError) as e:
         sys.exit(f"error: {e}")
