@@ -156,7 +156,7 @@ class SinkGD(torch.optim.Optimizer):
                  transposed: bool = False, skip_nonfinite: bool = False,
                  stack_bytes: int | dict[str, int] = STACK_BYTES):
         if not (lr > 0 and sinkhorn_iters >= 1 and weight_decay >= 0):
-            raise ValueError(f"need lr > 0, sinkhorn_iters >= 1 and weight_decay >= 0, got lr={lr}, "
+            raise ValueError(f"need lr > 0, sinkhorn_iters >= 1, weight_decay >= 0; got lr={lr}, "
                              f"sinkhorn_iters={sinkhorn_iters}, weight_decay={weight_decay}")
         per_device = stack_bytes.values() if isinstance(stack_bytes, dict) else [stack_bytes]
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in per_device):

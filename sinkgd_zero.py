@@ -61,13 +61,21 @@ class Partition:
                 start, offset = start + rows * cols, offset + rows * cols
 
 
-def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduce) -> Tensor:
+def sr_sinkhorn_sharded(grad: Tensor, part: Partition, num_iters: int, all_reduce,
+                        out: Tensor | None = None) -> Tensor:
     """sinkgd.sr_sinkhorn of every matrix of `part`, from this rank's flat gradient partition
     (numel,): the same prescale, iterations and rebuild, with every sum formed over the blocks
     this rank holds, then reduced over the ranks. Every rank calls it with its own partition of
     the same matrices; all_reduce(t, op) reduces t in place over them, op "sum" or "max".
-    Returns X laid out as `grad` (zero where no matrix lies), in float32 (float64 if grad is)."""
-    out = torch.zeros(grad.shape, dtype=work_dtype(grad), device=grad.device)
+    Returns X laid out as `grad` (zero where no matrix lies), in float32 (float64 if grad is),
+    in the first elements of `out` (flat, X's dtype) when given."""
+    out = (torch.empty(grad.numel(), dtype=work_dtype(grad), device=grad.device) if out is None
+           else out[:grad.numel()]).view(grad.shape)
+    at = 0
+    for start, end in sorted((o, o + h * w) for _, _, h, w, o in part.blocks) + [(len(out),) * 2]:
+        if start > at:
+            out[at:start].zero_()  # where no matrix lies: ZeRO's padding
+        at = end
     # Per block: its stacked rows and columns, and its gradient and X as (rows, columns) views
     blocks = [(slice(r, r + h), slice(c, c + w), grad[o:o + h * w].view(h, w),
                out[o:o + h * w].view(h, w)) for r, c, h, w, o in part.blocks]
@@ -115,6 +123,7 @@ class ZeroSinkGD(SinkGD):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.partitions: dict[int, Partition] = {}  # id(flat fp32 partition) -> its matrices
+        self.workspace: Tensor | None = None  # X, for the largest partition
         self.attached = False
 
     def attach(self, wrapper) -> None:
@@ -167,8 +176,17 @@ class ZeroSinkGD(SinkGD):
             return super()._sinkgd_update(group, found_inf)
         for flat in flats:
             part = self.partitions[id(flat)]
-            X = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"], all_reduce_over(part))
+            X = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"], all_reduce_over(part),
+                                    out=self._workspace(flat.grad))
             self._apply([flat], X[None], group, found_inf)
+
+    def _workspace(self, grad: Tensor) -> Tensor:
+        """X's memory for each partition in turn, kept from step to step: on the CPU a fresh one
+        is mapped anew each step, and its page faults cost a fifth of the step."""
+        w, dtype = self.workspace, work_dtype(grad)
+        if w is None or w.numel() < grad.numel() or (w.dtype, w.device) != (dtype, grad.device):
+            self.workspace = w = torch.empty(grad.numel(), dtype=dtype, device=grad.device)
+        return w
 
 
 def all_reduce_over(part: Partition):

@@ -37,3 +37,10 @@ def test_the_readme_shows_the_figure_and_is_short():
 def test_no_history_in_the_docs(page):
     found = [line.strip() for line in page.read_text().splitlines() if HISTORY.search(line)]
     assert not found, f"{page.name} tells history (git log does): {found}"
+
+
+def test_the_optimizer_files_keep_to_100_columns():
+    """The files a reader holds against the paper (the rest of the repository: ruff's 120)."""
+    long = {p.name: [i + 1 for i, line in enumerate(p.read_text().splitlines()) if len(line) > 100]
+            for p in sorted(REPO.glob("sinkgd*.py"))}
+    assert len(long) == 4 and not any(long.values()), long

@@ -329,7 +329,11 @@ def test_sharded_equals_whole_matrix(num_ranks):
             pieces.append(Piece(tuple(g.shape), a - starts[k], a - lo, b - a) if a < b
                           else Piece(tuple(g.shape), 0, 0, 0))
         part = Partition(pieces, None, "cpu", torch.float64)
-        return sr_sinkhorn_sharded(flat[lo:hi], part, 5, all_reduce)
+        # half the ranks write into a larger workspace full of NaN, as ZeroSinkGD's after another partition's X
+        out = torch.full((hi - lo + 3,), math.nan, dtype=torch.float64) if (rank + num_ranks) % 2 else None
+        X = sr_sinkhorn_sharded(flat[lo:hi], part, 5, all_reduce, out=out)
+        assert out is None or X.data_ptr() == out.data_ptr()
+        return X
 
     whole = torch.cat(run_ranks(num_ranks, rank_fn))
     assert whole.shape == flat.shape
@@ -445,7 +449,7 @@ def test_bad_hyperparameters_fail():
         SinkGD(mats, lr=0.0)
     with pytest.raises(ValueError, match="sinkhorn_iters"):
         SinkGD(mats, sinkhorn_iters=0)
-    with pytest.raises(ValueError, match=r"weight_decay >= 0, .* weight_decay=-0.1$"):
+    with pytest.raises(ValueError, match=r"weight_decay >= 0; .* weight_decay=-0.1$"):
         SinkGD(mats, weight_decay=-0.1)
 
 
@@ -874,6 +878,31 @@ def test_sharded_collectives_run_on_the_communication_device(monkeypatch):
         update = sr_sinkhorn_sharded(grad, part, 5, all_reduce_over(part))
     assert update.device == torch.device("cpu")
     assert handed == [torch.device("meta")] * (1 + 2 * 5)
+
+
+def test_zero_sinkgd_keeps_one_workspace_for_its_partitions(monkeypatch):
+    """X's memory is made once, for the largest partition, and reused by each partition in turn (ZeRO-3's sub-groups)
+    and at every step: on the CPU a fresh one is mapped anew each step. Each update still equals a fresh
+    sr_sinkhorn_sharded, and the padding, whose gradient is not zero, is not updated."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op, group: None)  # one rank
+    layouts = [[((4, 6), 0), ((3, 5), 24)], [((2, 3), 0)]]  # (shape, offset) per matrix; 3 and 2 elements of padding
+    flats = [torch.zeros(42), torch.zeros(8)]
+    optimizer = ZeroSinkGD([dict(params=[nn.Parameter(torch.zeros(s)) for s in [(4, 6), (3, 5), (2, 3)]])], lr=0.1)
+    optimizer.param_groups[0]["params"] = flats  # as ZeRO hands them over
+    parts = [Partition([Piece(s, 0, o, s[0] * s[1]) for s, o in layout], None, "cpu") for layout in layouts]
+    optimizer.partitions, optimizer.attached = {id(f): p for f, p in zip(flats, parts)}, True
+    gen = torch.Generator().manual_seed(0)
+    workspace = None
+    for _ in range(2):
+        for flat in flats:
+            flat.grad = torch.randn(flat.shape, generator=gen)
+        before = [f.clone() for f in flats]
+        optimizer.step()
+        assert optimizer.workspace.numel() == 42 and workspace in (None, optimizer.workspace.data_ptr())
+        workspace = optimizer.workspace.data_ptr()
+        for flat, old, part in zip(flats, before, parts):
+            X = sr_sinkhorn_sharded(flat.grad, part, 5, lambda t, op: None)
+            assert torch.equal(flat, old.add(X, alpha=-0.1)) and X[-2:].eq(0).all() and flat[-2:].eq(0).all()
 
 
 def test_zero_partitions_read_expert_stacks_and_refuse_resized_matrices(monkeypatch):
