@@ -1,5 +1,6 @@
 """README.md and docs/*.md: every link and image points at a file of the repository, the README stays a
 newcomer's five minutes, and neither tells the project's history (git log does)."""
+import json
 import re
 
 import pytest
@@ -44,3 +45,16 @@ def test_the_optimizer_files_keep_to_100_columns():
     long = {p.name: [i + 1 for i, line in enumerate(p.read_text().splitlines()) if len(line) > 100]
             for p in sorted(REPO.glob("sinkgd*.py"))}
     assert len(long) == 4 and not any(long.values()), long
+
+
+def test_the_readme_result_is_the_committed_run():
+    """The README's numbers are those of docs/compare_c4.json, the summary of the run that drew docs/compare_c4.png:
+    the final losses, the effective throughputs, and the gap to each baseline at each horizon."""
+    s = json.loads((REPO / "docs" / "compare_c4.json").read_text())
+    text = (REPO / "README.md").read_text()
+    pm = lambda d, f=".3f": f"{d['mean']:{f}} ± {d['std']:{f}}"
+    numbers = [pm(s["sinkgd_final_val_loss"]), f"{s['max_steps']} steps of"]
+    for b in s["baselines"].values():
+        numbers += [pm(b["final_val_loss"]), pm(b["effective_throughput_ratio"], ".2f") + "x"]
+        numbers += [f"{pm(h['gap'])} ({h['sinkgd_lower_in']} of {h['gap']['n']}" for h in b["horizon"].values()]
+    assert len(numbers) == 2 + 2 * (2 + 3) and not [n for n in numbers if n not in text], numbers

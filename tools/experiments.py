@@ -15,11 +15,11 @@ compare: each baseline (--baselines: AdamW, and Muon on the same matrices as Sin
 defaults (global lr 0.02, alpha 0.05, L = 5; no tuning on our side) over --seeds seeds (model init and data order).
 Every run is train.py in its own process, with every option that is not this tool's own passed through. A run whose
 directory already holds a checkpoint of the same config continues from it, so an interrupted experiment picks up
-where it stopped. Validation: every --eval_interval steps on --eval_tokens (the
-curves and "steps to reach"), and at the end on --final_eval_tokens, whose standard error over windows the summary
-gives. Speed comes from timing a few training steps of every optimizer in turn in one process, since consecutive
-runs on a shared machine can differ several-fold. summary.json, a markdown table and curves.png (mean and seed band
-per optimizer, loss against steps and wall-clock) go to --out_dir.
+where it stopped. Validation: every --eval_interval steps on --eval_tokens (the curves, "steps to reach", and each
+baseline's gap to SinkGD at the --horizons steps), and at the end on --final_eval_tokens, whose standard error over
+windows the summary gives. Speed comes from timing a few training steps of every optimizer in turn in one process,
+since consecutive runs on a shared machine can differ several-fold. summary.json, a markdown table and curves.png
+(mean and seed band per optimizer, loss against steps and wall-clock) go to --out_dir.
 """
 import argparse
 import json
