@@ -96,11 +96,12 @@ class ZeroPathSinkGD:
         self.grad = torch.cat([p.grad.reshape(-1) for p in params])
         pieces = matrix_pieces(zip(shapes, offsets), 0, offsets[-1], 0)
         self.part, self.lr, self.iters = Partition(pieces, None, params[0].device), lr, sinkhorn_iters
+        self.workspace = torch.empty_like(self.grad)  # X's memory, kept as ZeroSinkGD keeps it
         self.state = {}  # stateless
 
     def step(self):
         from sinkgd_zero import sr_sinkhorn_sharded
-        X = sr_sinkhorn_sharded(self.grad, self.part, self.iters, lambda t, op: t)  # one rank: no reduce
+        X = sr_sinkhorn_sharded(self.grad, self.part, self.iters, lambda t, op: t, out=self.workspace)  # one rank
         self.weight.add_(X, alpha=-self.lr)
 
 
