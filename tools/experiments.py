@@ -289,9 +289,14 @@ def compare(args, passthrough: list[str]) -> dict:
 LABELS = {"adamw": "AdamW", "muon": "Muon", "sinkgd": "SinkGD"}
 
 
+def plus_minus(d: dict, f: str = ".3f") -> str:
+    """A spread() as mean ± std, or "not reached" when no seed gave a value."""
+    return f"{d['mean']:{f}} ± {d['std']:{f}}" if d["n"] else "not reached"
+
+
 def compare_table(s: dict) -> str:
     """The summary as a markdown table, one row per optimizer, plus the lines that qualify it."""
-    pm = lambda d, f=".3f": f"{d['mean']:{f}} ± {d['std']:{f}}" if d["n"] else "not reached"
+    pm = plus_minus
     speed = s["interleaved_tokens_per_sec"]
     lines = [f"\n{s['model']}, {s['max_steps']} steps of {s['tokens_per_step']} tokens, {s['data_dir']}, "
              f"{s['seeds']} seed(s); {s['device']}, torch {s['torch']}\n",
@@ -317,7 +322,7 @@ def compare_table(s: dict) -> str:
 
 def horizon_table(s: dict) -> list[str]:
     """The validation loss on the curves' windows at each horizon step, and each baseline's gap to SinkGD."""
-    pm = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"
+    pm = plus_minus
     gap = lambda r: f"{pm(r['gap'])} ({r['sinkgd_lower_in']} of {r['gap']['n']})"
     names = list(s["baselines"])
     first = s["baselines"][names[0]]["horizon"]
@@ -522,12 +527,11 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--eval_tokens", type=int, default=32 * 129, help="validation budget of those evaluations")
         c.add_argument("--final_eval_tokens", type=int, default=10_000_000, help="validation budget of the final "
                        "evaluation and its standard error (default: all of a C4-sample or demo val split)")
-        if name == "compare":
-            c.add_argument("--horizons", type=int, nargs="+", help="steps at which the table gives each baseline's "
-                           "gap to SinkGD, each an evaluated step (default: a third, two thirds and all of the run)")
         c.add_argument("--timing_steps", type=int, default=10, help="training steps timed per variant, in turn")
         c.add_argument("--out_dir", default=f"out/{name}")
         if name == "compare":
+            c.add_argument("--horizons", type=int, nargs="+", help="steps at which the table gives each baseline's "
+                           "gap to SinkGD, each an evaluated step (default: a third, two thirds and all of the run)")
             c.add_argument("--baselines", nargs="+", default=["adamw"], choices=["adamw", "muon"],
                            help="the optimizers SinkGD is compared with, each tuned over its lr grid")
             c.add_argument("--adamw_lrs", type=float, nargs="+", default=PAPER_ADAMW_LRS)
