@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-from sinkgd_dtensor import (Split, check_shards, gradient, largest_shard, local, max_over_ranks,
-                            place_gradient, sharded, split_of, stepped, whole)
+import sinkgd_cpu
+from sinkgd_dtensor import (Split, found_inf, gradient, largest_shard, local, place_gradient,
+                            split_of, stepped, whole)
+from sinkgd_split import check_group, check_unchanged
 from sinkgd_split import describe_split, sinkgd_param_groups  # noqa: F401  (re-exported)
 
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +151,13 @@ class SinkGD(torch.optim.Optimizer):
     per device type). DTensor shards (FSDP2, tensor parallel) are read where they lie, each
     gradient first laid out as its parameter; a missing one reads as zeros. A non-finite
     gradient raises FloatingPointError, or with skip_nonfinite=True sets `overflow`; either way no
-    weight or AdamW state changes."""
+    weight or AdamW state changes. cpu_kernel: the step of float32/float64 row-major matrices on
+    the CPU in sinkgd_cpu.py's C++ kernel (True), eagerly (False), or the kernel where it builds."""
 
     def __init__(self, params, lr: float = 1e-3, sinkhorn_iters: int = 5, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sinkgd: bool = True,
                  transposed: bool = False, skip_nonfinite: bool = False,
-                 stack_bytes: int | dict[str, int] = STACK_BYTES):
+                 stack_bytes: int | dict[str, int] = STACK_BYTES, cpu_kernel: bool | None = None):
         if not (lr > 0 and sinkhorn_iters >= 1 and weight_decay >= 0):
             raise ValueError(f"need lr > 0, sinkhorn_iters >= 1, weight_decay >= 0; got lr={lr}, "
                              f"sinkhorn_iters={sinkhorn_iters}, weight_decay={weight_decay}")
@@ -168,6 +171,7 @@ class SinkGD(torch.optim.Optimizer):
                                       weight_decay=weight_decay, sinkgd=sinkgd,
                                       transposed=transposed, fused=True))
         self.skip_nonfinite, self.overflow, self.stack_bytes = skip_nonfinite, False, stack_bytes
+        self.cpu_kernel = cpu_kernel and sinkgd_cpu.kernel(required=True) is not None  # built now
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -193,11 +197,14 @@ class SinkGD(torch.optim.Optimizer):
         stacks, workspace = self._stacks(group)  # workspace: X of each stack in turn
         for stack in stacks:
             grads = [as_paper(gradient(p)) for p in stack]  # a DTensor's: its shard's
+            weights = [as_paper(local(p)) for p in stack]
+            if sinkgd_cpu.step_stack(self, stack, grads, weights, workspace, group, found_inf):
+                continue  # stepped in sinkgd_cpu.py's kernel
             # one copy of the stack where a kernel costs more than a pass over it (a GPU)
             G = grads if len(grads) == 1 or grads[0].is_cpu else torch.stack(grads)
             X = sr_sinkhorn(G, group["sinkhorn_iters"], workspace[:len(grads) * grads[0].numel()],
                             split_of(stack[0]))
-            self._apply([as_paper(local(p)) for p in stack], X, group, found_inf)
+            self._apply(weights, X, group, found_inf)
             del G  # before the next stack's copy is made
 
     @staticmethod
@@ -230,9 +237,8 @@ class SinkGD(torch.optim.Optimizer):
     # Below Alg. 4: the stacks, the checks of what a step is given, the finiteness flag.
 
     def _stacks(self, group: dict) -> tuple[list[list[Tensor]], Tensor | None]:
-        """The matrices with gradients, by shape, dtype and device, in stacks of at most
-        stack_bytes of float32 X (and on a GPU the gradients' copy) each, at least one matrix; and a
-        workspace."""
+        """The matrices with gradients by shape, dtype and device, in stacks of at most stack_bytes
+        of float32 X (a GPU's: and the gradients' copy), at least one matrix; and a workspace."""
         by_shape, stacks = defaultdict(list), []
         for p in filter(stepped, group["params"]):  # the same on every rank, as the keys are
             split = (tuple(p.placements), p.device_mesh) if hasattr(p, "placements") else None
@@ -249,36 +255,13 @@ class SinkGD(torch.optim.Optimizer):
         return stacks, torch.empty(max(len(s) * local(s[0]).numel() for s in stacks),
                                    dtype=work_dtype(first), device=first.device)
 
+    def _check_matrices(self) -> None:  # sinkgd_zero.ZeroSinkGD: except its partitions
+        check_unchanged(self.param_groups, self.matrix_shapes)
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
-        if group["sinkgd"] and not_matrices:
-            raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put "
-                             "them in a group with sinkgd=False (AdamW), e.g. via "
-                             "sinkgd_param_groups()")
-        for i, p in enumerate(group["params"] if group["sinkgd"] else []):
-            check_shards(p, f"param group {len(self.param_groups) - 1}'s tensor {i}", group)
-        self.matrix_shapes.append([p.shape for p in group["params"]])
+        check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        self.matrix_shapes.append([p.shape for p in self.param_groups[-1]["params"]])
 
-    def _check_matrices(self) -> None:
-        """A wrapper (DeepSpeed ZeRO, FSDP1) may have made a group's matrices flat pieces."""
-        for group, shapes in zip(self.param_groups, self.matrix_shapes):
-            now = [tuple(p.shape) for p in group["params"]]
-            if group["sinkgd"] and now != [tuple(s) for s in shapes]:
-                raise RuntimeError(f"SinkGD: matrices {[tuple(s) for s in shapes][:3]} became "
-                                   f"tensors shaped {now[:3]}; SR-Sinkhorn of flat or sharded "
-                                   "pieces is sign descent, not Alg. 3: under DeepSpeed use "
-                                   "sinkgd_zero.ZeroSinkGD")
-
-    def _found_inf(self) -> Tensor | None:
-        """1.0 on the device if a gradient is not finite, else 0.0; by min and max, not a norm.
-        With DTensors, over all ranks of their meshes."""
-        params = [p for group in self.param_groups for p in group["params"] if stepped(p)]
-        grads = [g for g in (gradient(p) for p in params) if g.numel()]
-        if not grads and not sharded(params):
-            return None
-        extremes = [x for g in grads for x in torch.aminmax(g)]
-        flag = (torch.stack(extremes).isfinite().all().logical_not().float() if extremes else
-                local(params[0]).new_zeros((), dtype=torch.float32))  # float32 on every rank
-        return max_over_ranks(flag, params) if sharded(params) else flag
+    def _found_inf(self) -> Tensor | None:  # sinkgd_zero.ZeroSinkGD: None, DeepSpeed checks
+        return found_inf([p for group in self.param_groups for p in group["params"] if stepped(p)])

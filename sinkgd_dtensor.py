@@ -127,3 +127,15 @@ def max_over_ranks(flag: Tensor, params) -> Tensor:
                    for k in kept):
             kept.append(mesh)
     return reduce_over([mesh.get_group(d) for mesh in kept for d in range(mesh.ndim)])(flag, "max")
+
+
+def found_inf(params: list[Tensor]) -> Tensor | None:
+    """1.0 on the device if a gradient of params is not finite, else 0.0; by min and max, not a
+    norm. With DTensors, over all ranks of their meshes."""
+    grads = [g for g in (gradient(p) for p in params) if g.numel()]
+    if not grads and not sharded(params):
+        return None
+    extremes = [x for g in grads for x in torch.aminmax(g)]
+    flag = (torch.stack(extremes).isfinite().all().logical_not().float() if extremes else
+            local(params[0]).new_zeros((), dtype=torch.float32))  # float32 on every rank
+    return max_over_ranks(flag, params) if sharded(params) else flag

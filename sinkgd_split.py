@@ -168,3 +168,26 @@ def declared_layouts(model: nn.Module, layouts: dict[str, str],
                                  f"{p.dim()}-D{why}")
             declared[id(p)] = layout
     return declared, flattened
+
+
+def check_group(group: dict, index: int) -> None:
+    """A SinkGD param group (index: its place) holds matrices, and DTensors that SinkGD can read."""
+    from sinkgd_dtensor import check_shards
+    not_matrices = [tuple(p.shape) for p in group["params"] if p.dim() < 2]
+    if group["sinkgd"] and not_matrices:
+        raise ValueError(f"SinkGD groups take matrices only, got shapes {not_matrices}; put "
+                         "them in a group with sinkgd=False (AdamW), e.g. via "
+                         "sinkgd_param_groups()")
+    for i, p in enumerate(group["params"] if group["sinkgd"] else []):
+        check_shards(p, f"param group {index}'s tensor {i}", group)
+
+
+def check_unchanged(param_groups: list[dict], shapes: list[list]) -> None:
+    """A wrapper (DeepSpeed ZeRO, FSDP1) may have made a SinkGD group's matrices flat pieces."""
+    for group, was in zip(param_groups, shapes):
+        now = [tuple(p.shape) for p in group["params"]]
+        if group["sinkgd"] and now != [tuple(s) for s in was]:
+            raise RuntimeError(f"SinkGD: matrices {[tuple(s) for s in was][:3]} became "
+                               f"tensors shaped {now[:3]}; SR-Sinkhorn of flat or sharded "
+                               "pieces is sign descent, not Alg. 3: under DeepSpeed use "
+                               "sinkgd_zero.ZeroSinkGD")

@@ -22,6 +22,15 @@ from tools.bench_optimizer import ZeroPathSinkGD, sr_sinkhorn_multinorm, swan, w
 from sinkgd_zero import Partition, Piece, ZeroSinkGD, all_reduce_over, sr_sinkhorn_sharded, zero_partitions
 
 
+@pytest.fixture(params=[False, True], ids=["eager", "cpu_kernel"])
+def both_cpu_steps(request, monkeypatch):
+    """The test twice: SinkGD's eager step (what a GPU runs, here on the CPU) and sinkgd_cpu's C++ kernel (what the
+    CPU runs by default; True: it must build). Sets the default of SinkGD's cpu_kernel, its last argument."""
+    defaults = SinkGD.__init__.__defaults__
+    monkeypatch.setattr(SinkGD.__init__, "__defaults__", (*defaults[:-1], request.param))
+    return request.param
+
+
 def reference(g, num_iters):
     """Alternating normalisation written out naively in numpy float64, one row/column at a time."""
     x = torch.as_tensor(g).double().numpy().copy()
@@ -266,6 +275,7 @@ def test_changing_one_matrix_of_a_stack_leaves_the_others_alone():
     assert not torch.equal(a[2], b[2])
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_stacked_step_equals_matrix_by_matrix():
     """SinkGD's stacks (same-shape matrices batched) against one matrix at a time and the float64 reference, every
     entry of every update: float64 weights starting at zero and lr 1/2, so that each weight is exactly -X / 2."""
@@ -380,6 +390,7 @@ def make_params(seed=0):
     return mats, vecs
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_sinkgd_step_is_stateless_and_exact():
     mats, vecs = make_params()
     opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)], lr=0.1)
@@ -407,6 +418,7 @@ def test_adamw_groups_are_torch_adamw():
         assert torch.equal(p, q)
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_weight_decay_is_decoupled():
     mats, _ = make_params()
     opt = SinkGD(mats, lr=0.1, weight_decay=0.5, sinkhorn_iters=2)
@@ -453,6 +465,7 @@ def test_bad_hyperparameters_fail():
         SinkGD(mats, weight_decay=-0.1)
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_params_without_grad_are_skipped():
     mats, vecs = make_params()
     opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)])
@@ -463,6 +476,7 @@ def test_params_without_grad_are_skipped():
     assert vecs[1] not in opt.state
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_non_finite_gradient_raises_and_touches_nothing():
     mats, vecs = make_params()
     opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)])
@@ -474,6 +488,7 @@ def test_non_finite_gradient_raises_and_touches_nothing():
     assert all(torch.equal(p, b) for p, b in zip(mats + vecs, before))
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_state_dict_round_trip_continues_identically():
     def run(steps, resume_at=None):
         mats, vecs = make_params()
@@ -545,6 +560,7 @@ def test_stack_bytes_is_a_number_or_a_dict_per_device_type():
             SinkGD(params, stack_bytes=bad)
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_lr_scheduler_drives_the_update():
     mats, _ = make_params()
     opt = SinkGD(mats, lr=0.1)
@@ -597,6 +613,7 @@ def test_paper_split_puts_embedding_norms_and_head_in_adamw():
     assert len(sink) + len(adam) == len(names)
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_a_few_steps_lower_the_loss():
     model = tiny_llama()
     opt = SinkGD(sinkgd_param_groups(model, model.model.layers, lr=0.02))
@@ -612,6 +629,7 @@ def test_a_few_steps_lower_the_loss():
     assert not opt.state.keys() & set(opt.param_groups[0]["params"])
 
 
+@pytest.mark.usefixtures("both_cpu_steps")
 def test_skip_nonfinite_leaves_everything_and_sets_overflow():
     mats, vecs = make_params()
     opt = SinkGD([dict(params=mats, sinkgd=True), dict(params=vecs, sinkgd=False)], skip_nonfinite=True)
@@ -821,7 +839,7 @@ def test_the_cpu_step_reads_each_gradient_where_it_lies_and_masks_only_a_skipped
     and the finiteness flag, read at no cost there, spares the pass that zeroes X on a step that is not skipped."""
     params = [nn.Parameter(torch.zeros(64, 128)) for _ in range(8)]
     with_grads(params)
-    opt = SinkGD(params, stack_bytes=4 * 64 * 128 * 4, skip_nonfinite=True)  # four float32 X
+    opt = SinkGD(params, stack_bytes=4 * 64 * 128 * 4, skip_nonfinite=True, cpu_kernel=False)  # four X
     with OpCounter() as counter, Copies() as copies:
         opt.step()
     assert copies.largest < 64 * 128  # row maxima and flags are concatenated, never a gradient
@@ -1299,7 +1317,7 @@ def test_transposed_expert_tensors_follow_their_module():
 
 
 def test_pip_install_gives_the_optimizers_alone(tmp_path):
-    """pyproject.toml builds a wheel holding the four sinkgd*.py modules, whose one dependency is torch; installed
+    """pyproject.toml builds a wheel holding the five sinkgd*.py modules, whose one dependency is torch; installed
     elsewhere, they import without DeepSpeed or transformers."""
     import shutil
     import subprocess
@@ -1307,7 +1325,7 @@ def test_pip_install_gives_the_optimizers_alone(tmp_path):
     import zipfile
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    modules = ["sinkgd.py", "sinkgd_dtensor.py", "sinkgd_split.py", "sinkgd_zero.py"]
+    modules = ["sinkgd.py", "sinkgd_cpu.py", "sinkgd_dtensor.py", "sinkgd_split.py", "sinkgd_zero.py"]
     for name in ("pyproject.toml", *modules, "README.md", "LICENSE"):
         shutil.copy(repo / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",

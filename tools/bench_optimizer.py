@@ -117,9 +117,11 @@ OPTIMIZERS = {
     "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     "SinkGD L=1": lambda ps: SinkGD(ps, lr=1e-3, sinkhorn_iters=1),
-    "SinkGD L=5": lambda ps: SinkGD(ps, lr=1e-3, sinkhorn_iters=5),
-    "SinkGD L=5, one matrix at a time": lambda ps: SinkGD(ps, lr=1e-3, stack_bytes={}),
-    "SinkGD L=5, 64 MiB stacks": lambda ps: SinkGD(ps, lr=1e-3, stack_bytes=dict.fromkeys(("cpu", "cuda"), 2**26)),
+    "SinkGD L=5": lambda ps: SinkGD(ps, lr=1e-3, sinkhorn_iters=5),  # the CPU: sinkgd_cpu's kernel
+    "SinkGD L=5, eager (a GPU's step)": lambda ps: SinkGD(ps, lr=1e-3, cpu_kernel=False),
+    "SinkGD L=5, eager, one matrix at a time": lambda ps: SinkGD(ps, lr=1e-3, stack_bytes={}, cpu_kernel=False),
+    "SinkGD L=5, eager, 64 MiB stacks": lambda ps: SinkGD(ps, lr=1e-3, stack_bytes={"cpu": 2**26, "cuda": 2**26},
+                                                          cpu_kernel=False),
     "SinkGD L=5, ZeRO's path (sinkgd_zero)": ZeroPathSinkGD,
     "SWAN": lambda ps: SWAN(ps, lr=1e-3),
 }

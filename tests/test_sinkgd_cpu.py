@@ -1,0 +1,166 @@
+"""sinkgd_cpu.py's kernel against sinkgd.py's fast form (its definition), entrywise, over generated shapes, scales,
+zero rows and columns and thread counts; and SinkGD's choice of it."""
+import collections
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sinkgd_cpu
+from sinkgd import SinkGD, prescale, row_abs_max, sr_sinkhorn
+
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-13}
+
+
+def kernel_X(G, num_iters, threads=None):
+    """X as the kernel makes it: the update of W = 0 with lr 1 is -X, exactly."""
+    W = torch.zeros_like(G)
+    workspace = torch.full((G.shape[-2] * G.shape[-1],), float("nan"), dtype=G.dtype)  # read before written: NaN
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        sinkgd_cpu.step(G, W, workspace, num_iters, lr=1.0, weight_decay=0.0)
+    finally:
+        torch.set_num_threads(before)
+    return -W
+
+
+@st.composite
+def gradients(draw):
+    """A stack of gradients (count, m, n) with rows and columns at scales 1e-30 to 1e30 and some of them zero."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    count, m, n = draw(st.integers(1, 3)), draw(st.integers(1, 40)), draw(st.integers(1, 80))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    G = torch.randn(count, m, n, generator=gen, dtype=torch.float64)
+    G *= 10.0 ** (draw(st.integers(-30, 30)) + 3 * torch.randn(count, m, 1, generator=gen, dtype=torch.float64))
+    G *= 10.0 ** torch.randn(count, 1, n, generator=gen, dtype=torch.float64)
+    G[:, torch.rand(m, generator=gen) < draw(st.sampled_from([0.0, 0.2]))] = 0  # zero rows
+    G[..., torch.rand(n, generator=gen) < draw(st.sampled_from([0.0, 0.2]))] = 0  # zero columns
+    return G.to(dtype)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])  # the same cases on every run
+@given(G=gradients(), num_iters=st.integers(1, 6), threads=st.integers(1, 3))
+def test_kernel_equals_the_eager_fast_form(G, num_iters, threads):
+    """Entrywise (float32 1e-6, float64 1e-13), zeros exactly where the fast form has them, at any thread count (the
+    kernel cuts the rows into one block per thread)."""
+    X = sr_sinkhorn(G, num_iters)
+    out = kernel_X(G, num_iters, threads)
+    assert torch.equal(out == 0, X == 0)
+    torch.testing.assert_close(out, X, rtol=TOLERANCE[G.dtype], atol=TOLERANCE[G.dtype])
+
+
+def extreme_gradients():
+    """sinkgd.py's hard cases: float32's largest and smallest next to 1, entries spanning 26 orders of magnitude
+    (some below the threshold, where the gauge keeps u and v finite), and float64's 2^-511 threshold."""
+    big, tiny = torch.finfo(torch.float32).max / 4, torch.finfo(torch.float32).tiny
+    yield torch.tensor([[big, -big, 1.0, tiny], [1e-30, 2e-30, -1e-30, 0.0], [big, tiny, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    for spread in (5.0, 20.0, 60.0):
+        for _ in range(20):
+            m, n = torch.randint(1, 12, (2,), generator=gen).tolist()
+            g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+            yield (g * torch.exp(spread * torch.rand(m, n, generator=gen, dtype=torch.float64) - spread)).float()
+    g = torch.randn(7, 9, generator=gen, dtype=torch.float64)
+    g[0, 2], g[1, 3] = 0.5 * 2.0**-511 * g[0].abs().max(), 4 * 2.0**-511 * g[1].abs().max()
+    yield g
+
+
+@pytest.mark.parametrize("num_iters", [1, 5, 50])
+def test_kernel_equals_the_eager_fast_form_at_the_extremes(num_iters):
+    for G in extreme_gradients():
+        X = sr_sinkhorn(G, num_iters)
+        out = kernel_X(G, num_iters)
+        assert torch.isfinite(out).all() and torch.equal(out == 0, X == 0)
+        torch.testing.assert_close(out, X, rtol=TOLERANCE[G.dtype], atol=TOLERANCE[G.dtype])
+
+
+@pytest.mark.parametrize("shape", [(1376, 512), (512, 1376), (768, 768)])
+def test_kernel_equals_the_eager_fast_form_on_a_models_matrices(shape):
+    """llama_60m's and llama_130m's shapes: long rows and columns sum many terms in another order than torch's."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    torch.testing.assert_close(kernel_X(G, 5), sr_sinkhorn(G, 5), rtol=1e-6, atol=1e-6)
+
+
+def test_the_workspace_ends_holding_the_last_matrixs_B():
+    """B = (G / row max)^2 with the entries below the normal range zero: sinkgd.prescale's, bitwise."""
+    for G in extreme_gradients():
+        workspace = torch.empty(G.numel(), dtype=G.dtype)
+        sinkgd_cpu.step(G, torch.zeros_like(G), workspace, 1, lr=1.0, weight_decay=0.0)
+        assert torch.equal(workspace.view(G.shape), prescale(G, row_abs_max(G)[..., None]))
+
+
+def test_the_update_is_sinkgds_with_decoupled_weight_decay():
+    """W <- (1 - lr wd) W - lr X, as SinkGD's eager step writes it (float64: to its rounding)."""
+    gen = torch.Generator().manual_seed(1)
+    G, W = torch.randn(2, 9, 13, generator=gen, dtype=torch.float64), torch.randn(2, 9, 13, generator=gen,
+                                                                                  dtype=torch.float64)
+    expected = (1 - 0.1 * 0.3) * W - 0.1 * sr_sinkhorn(G, 3)
+    sinkgd_cpu.step(G, W, torch.empty(9 * 13, dtype=torch.float64), 3, lr=0.1, weight_decay=0.3)
+    torch.testing.assert_close(W, expected, rtol=1e-15, atol=1e-15)
+
+
+def test_bad_input_is_refused():
+    G = torch.randn(4, 5)
+    for W, workspace in [(torch.zeros(5, 4), torch.empty(20)), (torch.zeros(4, 5).double(), torch.empty(20)),
+                         (torch.zeros(4, 5), torch.empty(19)), (torch.zeros(5, 4).T, torch.empty(20))]:
+        with pytest.raises(ValueError, match="sinkgd_cpu.step takes"):
+            sinkgd_cpu.step(G, W, workspace, 5, 0.1, 0.0)
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def bmm_count(make, dtype=torch.float32):
+    params = [nn.Parameter(torch.zeros(8, 6, dtype=dtype)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=dtype)
+    opt = make(params)
+    with Ops() as counter:
+        opt.step()
+    return counter.ops["aten.bmm.default"]
+
+
+def test_sinkgd_steps_in_the_kernel_where_it_applies():
+    """By default the CPU steps float32 and float64 row-major matrices in the kernel (no product through torch); with
+    cpu_kernel=False, bf16 weights or transposed=True (column-major views) the eager fast form."""
+    assert bmm_count(lambda ps: SinkGD(ps)) == 0
+    assert bmm_count(lambda ps: SinkGD(ps, cpu_kernel=True), torch.float64) == 0
+    assert bmm_count(lambda ps: SinkGD(ps, cpu_kernel=False)) == 2 * 5
+    assert bmm_count(lambda ps: SinkGD(ps), torch.bfloat16) == 2 * 5
+    assert bmm_count(lambda ps: SinkGD(ps, transposed=True)) == 2 * 5
+
+
+def test_a_kernel_that_does_not_build(monkeypatch):
+    """No compiler: by default a warning and the eager step, the same update; cpu_kernel=True: the build's error, when
+    the optimizer is made."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: not found")
+
+    params = [nn.Parameter(torch.zeros(8, 6)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    expected = [-1e-2 * sr_sinkhorn(p.grad) for p in params]
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    sinkgd_cpu._kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not build .*; SinkGD steps with the eager fast form"):
+            SinkGD(params, lr=1e-2).step()
+        assert all(torch.equal(p.detach(), x) for p, x in zip(params, expected))
+        with pytest.raises(RuntimeError, match="did not build: Error building extension: c\\+\\+: not found"):
+            SinkGD(params, lr=1e-2, cpu_kernel=True)  # at construction, before any step
+    finally:
+        sinkgd_cpu._kernel.cache_clear()
