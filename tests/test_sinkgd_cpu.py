@@ -164,3 +164,24 @@ def test_a_kernel_that_does_not_build(monkeypatch):
             SinkGD(params, lr=1e-2, cpu_kernel=True)  # at construction, before any step
     finally:
         sinkgd_cpu._kernel.cache_clear()
+
+
+def test_the_kernel_computes_sinkgds_fast_form_as_it_is():
+    """sinkgd.py's fast form and update are the ones the kernel was written for. An edit of them fails this test: check
+    that the kernel computes the edited form, then update sinkgd_cpu.FAST_FORM."""
+    assert sinkgd_cpu.follows_fast_form()
+
+
+def test_an_edited_fast_form_steps_eagerly(monkeypatch):
+    """sinkgd.sinkhorn edited (README: the one place to change the algorithm): SinkGD follows the edit, eagerly, and
+    says so; the kernel would silently keep the old algorithm. End to end: tests/test_deepspeed.py's edit test."""
+    import sinkgd
+
+    def edited(sums, v, n, m, num_iters):  # the paper's iterations, then the rows normalized once more
+        u, v = original(sums, v, n, m, num_iters)
+        return torch.div(n, sums.rows(v)).nan_to_num_(posinf=0.0), v
+
+    original = sinkgd.sinkhorn
+    monkeypatch.setattr(sinkgd, "sinkhorn", edited)
+    with pytest.warns(UserWarning, match="fast form is not the one the kernel computes"):
+        assert bmm_count(lambda ps: SinkGD(ps)) == 2 * 5 + 1
