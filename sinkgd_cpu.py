@@ -24,11 +24,13 @@ from torch import Tensor
 
 SOURCE = r"""
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 template <typename T> static T finite_or_zero(T x) { return std::isfinite(x) ? x : T(0); }
@@ -152,7 +154,111 @@ void step_matrices(int64_t G, int64_t W, int64_t B, int64_t count, int64_t m, in
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { module.def("step_matrices", &step_matrices); }
+// ZeRO: a rank's flat partition holds blocks of rows of many matrices, their rows and columns
+// stacked end to end. A block is (first stacked row, first stacked column, rows, columns, offset
+// in the partition, whether its rows are whole); blocks never share a row. The sums of a row cut
+// by the partition's edges are all-reduced between the passes (sinkgd_cpu.step_partition).
+struct Blocks {
+  const int64_t* at;
+  int64_t count;
+  int64_t operator()(int64_t b, int k) const { return at[6 * b + k]; }
+};
+
+template <typename T>  // row_max[r + i] = max_j |G_ij|, then B = (G / row max)^2: a whole row's
+static void prescale_blocks(const T* G, T* B, Blocks blocks, T* row_max, bool cut_rows) {
+  const T floor = std::numeric_limits<T>::min() * std::numeric_limits<T>::epsilon();
+  for (int64_t b = 0; b < blocks.count; ++b) {  // at once, a cut row's after its max's all-reduce
+    const int64_t r = blocks(b, 0), h = blocks(b, 2), w = blocks(b, 3), o = blocks(b, 4);
+    const bool whole = blocks(b, 5);
+    if (cut_rows && whole) continue;
+    at::parallel_for(0, h, 16, [=](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (!cut_rows) row_max[r + i] = abs_max(G + o + i * w, w);
+        if (cut_rows || whole)
+          prescale_row(G + o + i * w, std::max(row_max[r + i], floor), B + o + i * w, w);
+      }
+    });
+  }
+}
+
+template <typename T>  // one iteration's pass: u for every row held, then this rank's B^T u
+static void pass_blocks(const T* B, Blocks blocks, const T* v, const T* n, const T* row_sums,
+                        T* u, T* col_sums) {
+  const int64_t threads = at::get_num_threads();
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    const int64_t r = blocks(b, 0), c = blocks(b, 1), h = blocks(b, 2), w = blocks(b, 3);
+    const T* Bb = B + blocks(b, 4);
+    const bool whole = blocks(b, 5);
+    const int64_t P = std::max<int64_t>(1, std::min<int64_t>(threads, h / 16));
+    std::vector<T> parts(P * w);
+    T* s = parts.data();
+    at::parallel_for(0, P, 1, [=](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        T* sp = s + p * w;
+        std::fill(sp, sp + w, T(0));
+        const int64_t end = h * (p + 1) / P;
+        for (int64_t i = h * p / P; i < end; i += 4) {
+          const int R = (int)std::min<int64_t>(4, end - i);
+          T t[4];
+          if (whole) dot_rows(Bb + i * w, v + c, w, R, t);  // (B v)_i, held whole here
+          for (int q = 0; q < R && !whole; ++q) t[q] = row_sums[r + i + q];  // all-reduced
+          for (int q = 0; q < R; ++q) u[r + i + q] = finite_or_zero(n[r + i + q] / t[q]);
+          axpy_rows(u + r + i, Bb + i * w, w, R, sp);
+        }
+      }
+    });
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = 0; j < w; ++j) col_sums[c + j] += s[p * w + j];
+  }
+}
+
+template <typename T>  // row_sums[r] = this rank's share of (B v)_r, for the rows cut by its edges
+static void cut_row_sums(const T* B, Blocks blocks, const T* v, T* row_sums) {
+  for (int64_t b = 0; b < blocks.count; ++b)
+    for (int64_t i = 0; i < blocks(b, 2) && !blocks(b, 5); ++i) {
+      T t[1];
+      dot_rows(B + blocks(b, 4) + i * blocks(b, 3), v + blocks(b, 1), blocks(b, 3), 1, t);
+      row_sums[blocks(b, 0) + i] = t[0];
+    }
+}
+
+template <typename T>  // W <- k W + a diag(r) G diag(c), block by block; c = sqrt(v)
+static void update_blocks(const T* G, T* W, Blocks blocks, const T* row_max, const T* u,
+                          const T* c, T k, T a) {
+  const T floor = std::numeric_limits<T>::min() * std::numeric_limits<T>::epsilon();
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    const int64_t r = blocks(b, 0), col = blocks(b, 1), w = blocks(b, 3), o = blocks(b, 4);
+    at::parallel_for(0, blocks(b, 2), 16, [=](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        update_row(G + o + i * w, std::sqrt(u[r + i]) / std::max(row_max[r + i], floor), c + col,
+                   k, a, W + o + i * w, w);
+    });
+  }
+}
+
+// The partition functions, by phase; every pointer is to float64 data if float64, else float32.
+void blocks_call(const std::string& phase, int64_t blocks, int64_t count, bool float64,
+                 int64_t X, int64_t Y, int64_t Z, int64_t P, int64_t Q, int64_t R, double k,
+                 double a) {
+  const Blocks bl{(const int64_t*)blocks, count};
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    if (phase == "prescale" || phase == "prescale_cut_rows")  // G, B, row_max
+      prescale_blocks((const T*)X, (T*)Y, bl, (T*)Z, phase == "prescale_cut_rows");
+    else if (phase == "cut_row_sums")  // B, v, row_sums
+      cut_row_sums((const T*)X, bl, (const T*)Y, (T*)Z);
+    else if (phase == "pass")  // B, v, n, row_sums, u, col_sums
+      pass_blocks((const T*)X, bl, (const T*)Y, (const T*)Z, (const T*)P, (T*)Q, (T*)R);
+    else if (phase == "update")  // G, W, row_max, u, c
+      update_blocks((const T*)X, (T*)Y, bl, (const T*)Z, (const T*)P, (const T*)Q, (T)k, (T)a);
+  };
+  if (float64) run(double(0)); else run(float(0));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("step_matrices", &step_matrices);
+  module.def("blocks_call", &blocks_call);
+}
 """
 
 
@@ -230,6 +336,53 @@ def step_stack(optimizer, stack, grads, weights, workspace, group, found_inf) ->
     if found_inf is None or not found_inf.item():  # on the CPU: no device sync
         for G, W in zip(grads, weights):
             step(G, W, workspace, group["sinkhorn_iters"], group["lr"], group["weight_decay"])
+    return True
+
+
+def step_partition(optimizer, flat: Tensor, part, group: dict, all_reduce, workspace,
+                   whole_matrices: bool = True) -> bool:
+    """ZeroSinkGD's step of a rank's flat partition in the kernel, if it applies (False: step it
+    eagerly): a matrix held whole here as SinkGD's, the others by blocks of rows with
+    sinkgd_zero.sr_sinkhorn_sharded's collectives (the same on every rank), one pass over B per
+    iteration, the update without X. whole_matrices=False: every matrix by blocks (as at ZeRO-3,
+    where each rank holds a piece of each; for tools/bench_optimizer)."""
+    G, W = flat.grad, flat.data
+    if (optimizer.cpu_kernel is False or not applies(G.view(1, -1), W.view(1, -1))
+            or workspace.dtype != G.dtype or not follows_fast_form() or kernel() is None):
+        return False
+    if getattr(part, "kernel_layout", None) != whole_matrices:  # made once
+        whole_rows = [b[3] == int(part.n[b[0]]) for b in part.blocks]  # columns: the matrix's n
+        alone = [whole_matrices and whole and b[2] == int(part.m[b[1]])  # others add nothing
+                 for b, whole in zip(part.blocks, whole_rows)]
+        part.kernel_matrices = [(o, h, w) for (_, _, h, w, o), a in zip(part.blocks, alone) if a]
+        # The other blocks: (row, column, rows, columns, offset, whether its rows are whole)
+        part.kernel_blocks = torch.tensor([(*b, whole) for b, whole, a in
+                                           zip(part.blocks, whole_rows, alone) if not a],
+                                          dtype=torch.int64).reshape(-1, 6)
+        part.kernel_layout = whole_matrices
+    lr, weight_decay, iters = group["lr"], group["weight_decay"], group["sinkhorn_iters"]
+    for o, h, w in part.kernel_matrices:  # in cache through its L iterations
+        step(G[o:o + h * w].view(h, w), W[o:o + h * w].view(h, w), workspace, iters, lr,
+             weight_decay)
+    # The rest, with every rank's collectives: the same sequence as sr_sinkhorn_sharded's
+    blocks, f64, n, m = part.kernel_blocks, G.dtype == torch.float64, part.n, part.m
+
+    def call(phase, *tensors, k=1.0, a=0.0):
+        ptrs = [t.data_ptr() for t in tensors] + [0] * (6 - len(tensors))
+        kernel().blocks_call(phase, blocks.data_ptr(), len(blocks), f64, *ptrs, k, a)
+    n, m, row_max = n.to(G.dtype), m.to(G.dtype), G.new_zeros(part.num_rows)
+    call("prescale", G, workspace, row_max)  # whole rows; the cut ones' maxima
+    all_reduce(row_max, "max")
+    call("prescale_cut_rows", G, workspace, row_max)
+    u, v = G.new_zeros(part.num_rows), G.new_ones(part.num_cols)
+    for i in range(iters):
+        row_sums, col_sums = G.new_zeros(part.num_rows), G.new_zeros(part.num_cols)
+        call("cut_row_sums", workspace, v, row_sums)
+        all_reduce(row_sums, "sum")
+        call("pass", workspace, v, n, row_sums, u, col_sums)
+        all_reduce(col_sums, "sum")
+        v = torch.div(m if i == iters - 1 else col_sums.amax(), col_sums).nan_to_num_(posinf=0.0)
+    call("update", G, W, row_max, u, v.sqrt(), k=1 - lr * weight_decay, a=-lr)
     return True
 
 

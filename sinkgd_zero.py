@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+import sinkgd_cpu
 from sinkgd import SinkGD, Sums, prescale, rebuild, row_abs_max, sinkhorn, work_dtype
 from sinkgd_dtensor import REDUCE_OPS
 
@@ -176,6 +177,9 @@ class ZeroSinkGD(SinkGD):
             return super()._sinkgd_update(group, found_inf)
         for flat in flats:
             part = self.partitions[id(flat)]
+            if sinkgd_cpu.step_partition(self, flat, part, group, all_reduce_over(part),
+                                         self._workspace(flat.grad)):
+                continue  # stepped in sinkgd_cpu.py's kernel
             X = sr_sinkhorn_sharded(flat.grad, part, group["sinkhorn_iters"], all_reduce_over(part),
                                     out=self._workspace(flat.grad))
             self._apply([flat], X[None], group, found_inf)

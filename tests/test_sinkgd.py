@@ -808,14 +808,18 @@ def test_transient_memory_is_bounded_by_stack_bytes_or_the_largest_matrix():
     assert transient_bytes(ignored.step) > four + vectors
 
 
-def test_bench_optimizers_zero_path_row_steps_as_sinkgd():
-    """tools.bench_optimizer's "ZeRO's path" row times sinkgd_zero on one flat partition: the same update as SinkGD."""
+@pytest.mark.parametrize("cpu_kernel", [None, False])
+def test_bench_optimizers_zero_path_row_steps_as_sinkgd(cpu_kernel):
+    """tools.bench_optimizer's "ZeRO's path" rows time sinkgd_zero's step on one flat partition, by the kernel and
+    eagerly: the same update as SinkGD."""
     shapes = [(6, 9), (9, 6), (6, 9)]
     params = [nn.Parameter(uneven(m, n, seed=k, dtype=torch.float32)) for k, (m, n) in enumerate(shapes)]
     for k, p in enumerate(params):
         p.grad = uneven(*p.shape, seed=10 + k, dtype=torch.float32)
-    zero_path = ZeroPathSinkGD(params, lr=0.1)
-    zero_path.step()
+    zero_path = ZeroPathSinkGD(params, lr=0.1, cpu_kernel=cpu_kernel)
+    with OpCounter() as counter:
+        zero_path.step()
+    assert (counter.ops["aten.addmv_.default"] > 0) == (cpu_kernel is False)  # the kernel makes no products in torch
     SinkGD(params, lr=0.1).step()
     assert torch.allclose(zero_path.weight, torch.cat([p.detach().reshape(-1) for p in params]), atol=1e-6)
 
@@ -905,7 +909,8 @@ def test_zero_sinkgd_keeps_one_workspace_for_its_partitions(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op, group: None)  # one rank
     layouts = [[((4, 6), 0), ((3, 5), 24)], [((2, 3), 0)]]  # (shape, offset) per matrix; 3 and 2 elements of padding
     flats = [torch.zeros(42), torch.zeros(8)]
-    optimizer = ZeroSinkGD([dict(params=[nn.Parameter(torch.zeros(s)) for s in [(4, 6), (3, 5), (2, 3)]])], lr=0.1)
+    optimizer = ZeroSinkGD([dict(params=[nn.Parameter(torch.zeros(s)) for s in [(4, 6), (3, 5), (2, 3)]])], lr=0.1,
+                           cpu_kernel=False)  # the eager path's X (the kernel's B: test_sinkgd_cpu.py)
     optimizer.param_groups[0]["params"] = flats  # as ZeRO hands them over
     parts = [Partition([Piece(s, 0, o, s[0] * s[1]) for s, o in layout], None, "cpu") for layout in layouts]
     optimizer.partitions, optimizer.attached = {id(f): p for f, p in zip(flats, parts)}, True

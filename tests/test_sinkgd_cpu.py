@@ -1,6 +1,7 @@
 """sinkgd_cpu.py's kernel against sinkgd.py's fast form (its definition), entrywise, over generated shapes, scales,
 zero rows and columns and thread counts; and SinkGD's choice of it."""
 import collections
+import types
 
 import pytest
 import torch
@@ -185,3 +186,69 @@ def test_an_edited_fast_form_steps_eagerly(monkeypatch):
     monkeypatch.setattr(sinkgd, "sinkhorn", edited)
     with pytest.warns(UserWarning, match="fast form is not the one the kernel computes"):
         assert bmm_count(lambda ps: SinkGD(ps)) == 2 * 5 + 1
+
+
+@st.composite
+def partitions(draw):
+    """Matrices end to end in one flat buffer, then padding, cut over 1 to 6 ranks at arbitrary offsets (as ZeRO
+    cuts them; a rank may hold nothing of a matrix, or nothing at all)."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    shapes = draw(st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=5))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    mats = [torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** (4 * torch.randn(s[0], 1, generator=gen))
+            for s in shapes]
+    if draw(st.booleans()):
+        mats[0][0] = 0  # a zero row
+    flat = torch.cat([g.reshape(-1) for g in mats] + [torch.zeros(draw(st.integers(0, 5)), dtype=torch.float64)])
+    num_ranks = draw(st.integers(1, 6))
+    cuts = sorted(draw(st.lists(st.integers(0, flat.numel()), min_size=num_ranks - 1, max_size=num_ranks - 1)))
+    return mats, flat.to(dtype), [0, *cuts, flat.numel()], draw(st.integers(1, 5))
+
+
+def zero_step(mats, flat_grad, cuts, num_iters, weights, lr, weight_decay, kernel_on, whole_matrices=True):
+    """Each simulated rank steps its partition of `weights` (flat) in place, by ZeroSinkGD's kernel or eager path."""
+    from test_sinkgd import run_ranks
+
+    from sinkgd_zero import Partition, Piece, sr_sinkhorn_sharded
+    starts = [0, *torch.tensor([g.numel() for g in mats]).cumsum(0).tolist()]
+
+    def rank_fn(rank, all_reduce):
+        lo, hi = cuts[rank], cuts[rank + 1]
+        pieces = [Piece(tuple(g.shape), max(lo, a) - a, max(lo, a) - lo, min(hi, b) - max(lo, a))
+                  if max(lo, a) < min(hi, b) else Piece(tuple(g.shape), 0, 0, 0)
+                  for g, a, b in zip(mats, starts, starts[1:])]
+        part = Partition(pieces, None, "cpu", torch.float64)
+        flat = nn.Parameter(weights[lo:hi], requires_grad=False)  # a view: stepped in place
+        flat.grad = flat_grad[lo:hi]
+        workspace = torch.full((hi - lo + 3,), float("nan"), dtype=flat.dtype)
+        group = dict(sinkhorn_iters=num_iters, lr=lr, weight_decay=weight_decay)
+        if kernel_on:
+            optimizer = types.SimpleNamespace(cpu_kernel=None)  # what step_partition reads of ZeroSinkGD
+            assert sinkgd_cpu.step_partition(optimizer, flat, part, group, all_reduce, workspace, whole_matrices)
+        else:
+            X = sr_sinkhorn_sharded(flat.grad, part, num_iters, all_reduce, out=workspace)
+            flat.data.mul_(1 - lr * weight_decay).add_(X, alpha=-lr)
+    run_ranks(len(cuts) - 1, rank_fn)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=partitions(), whole_matrices=st.booleans())
+def test_zero_partitions_step_in_the_kernel_as_one_process(case, whole_matrices):
+    """ZeroSinkGD's kernel path over any cut of the matrices into ranks: each matrix's update equals one process's
+    (W <- (1 - lr wd) W - lr X, X from the fast form of the whole matrix) entrywise, the padding stays as it was,
+    and the eager sharded path agrees on the matrices. whole_matrices=False: the matrices a rank holds whole go by
+    blocks too, as at ZeRO-3."""
+    mats, flat, cuts, num_iters = case
+    weights0 = torch.randn(flat.shape, dtype=flat.dtype, generator=torch.Generator().manual_seed(1))
+    kernel_w, eager_w = weights0.clone(), weights0.clone()
+    zero_step(mats, flat, cuts, num_iters, kernel_w, 0.1, 0.3, True, whole_matrices)
+    zero_step(mats, flat, cuts, num_iters, eager_w, 0.1, 0.3, False)
+    at, tol = 0, TOLERANCE[flat.dtype]
+    for g in mats:
+        expected = 0.97 * weights0[at:at + g.numel()] - 0.1 * sr_sinkhorn(flat[at:at + g.numel()].view(g.shape),
+                                                                          num_iters).reshape(-1)
+        torch.testing.assert_close(kernel_w[at:at + g.numel()], expected, rtol=tol, atol=tol)
+        at += g.numel()
+    assert torch.equal(kernel_w[at:], weights0[at:])  # ZeRO's padding: untouched (eager: decayed, zeros there)
+    torch.testing.assert_close(kernel_w[:at], eager_w[:at], rtol=tol, atol=tol)

@@ -85,10 +85,11 @@ class SWAN(torch.optim.Optimizer):
 
 
 class ZeroPathSinkGD:
-    """What ZeroSinkGD steps under ZeRO-Offload, on one rank holding every matrix: sinkgd_zero's
-    sr_sinkhorn_sharded over a flat fp32 partition (the matrices end to end), then W <- W - lr X."""
+    """What ZeroSinkGD steps under ZeRO-Offload, on one rank holding every matrix, over a flat fp32 partition (the
+    matrices end to end): sinkgd_cpu.step_partition (its default on the CPU; whole_matrices=False: every matrix by
+    blocks, as at ZeRO-3), or with cpu_kernel=False sinkgd_zero's sr_sinkhorn_sharded, then W <- W - lr X."""
 
-    def __init__(self, params, lr=1e-3, sinkhorn_iters=5):
+    def __init__(self, params, lr=1e-3, sinkhorn_iters=5, cpu_kernel=None, whole_matrices=True):
         from sinkgd_zero import Partition, matrix_pieces
         shapes = [p.shape for p in params]
         offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
@@ -97,10 +98,16 @@ class ZeroPathSinkGD:
         pieces = matrix_pieces(zip(shapes, offsets), 0, offsets[-1], 0)
         self.part, self.lr, self.iters = Partition(pieces, None, params[0].device), lr, sinkhorn_iters
         self.workspace = torch.empty_like(self.grad)  # X's memory, kept as ZeroSinkGD keeps it
-        self.state = {}  # stateless
+        self.state, self.cpu_kernel, self.whole_matrices = {}, cpu_kernel, whole_matrices  # stateless
 
     def step(self):
+        import sinkgd_cpu
         from sinkgd_zero import sr_sinkhorn_sharded
+        flat = torch.nn.Parameter(self.weight, requires_grad=False)  # the same memory
+        flat.grad, group = self.grad, dict(sinkhorn_iters=self.iters, lr=self.lr, weight_decay=0.0)
+        if sinkgd_cpu.step_partition(self, flat, self.part, group, lambda t, op: t, self.workspace,
+                                     self.whole_matrices):
+            return
         X = sr_sinkhorn_sharded(self.grad, self.part, self.iters, lambda t, op: t, out=self.workspace)  # one rank
         self.weight.add_(X, alpha=-self.lr)
 
@@ -122,7 +129,9 @@ OPTIMIZERS = {
     "SinkGD L=5, eager, one matrix at a time": lambda ps: SinkGD(ps, lr=1e-3, stack_bytes={}, cpu_kernel=False),
     "SinkGD L=5, eager, 64 MiB stacks": lambda ps: SinkGD(ps, lr=1e-3, stack_bytes={"cpu": 2**26, "cuda": 2**26},
                                                           cpu_kernel=False),
-    "SinkGD L=5, ZeRO's path (sinkgd_zero)": ZeroPathSinkGD,
+    "SinkGD L=5, ZeRO's path (sinkgd_zero)": ZeroPathSinkGD,  # the CPU: sinkgd_cpu's kernel
+    "SinkGD L=5, ZeRO's path, by blocks (ZeRO-3)": lambda ps: ZeroPathSinkGD(ps, whole_matrices=False),
+    "SinkGD L=5, ZeRO's path, eager": lambda ps: ZeroPathSinkGD(ps, cpu_kernel=False),
     "SWAN": lambda ps: SWAN(ps, lr=1e-3),
 }
 BASELINE = "AdamW (fused)"  # torch's fastest AdamW, on the CPU as on CUDA
