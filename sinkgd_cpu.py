@@ -365,12 +365,12 @@ def step_partition(optimizer, flat: Tensor, part, group: dict, all_reduce, works
         step(G[o:o + h * w].view(h, w), W[o:o + h * w].view(h, w), workspace, iters, lr,
              weight_decay)
     # The rest, with every rank's collectives: the same sequence as sr_sinkhorn_sharded's
-    blocks, f64, n, m = part.kernel_blocks, G.dtype == torch.float64, part.n, part.m
+    blocks, f64 = part.kernel_blocks, G.dtype == torch.float64
 
     def call(phase, *tensors, k=1.0, a=0.0):
         ptrs = [t.data_ptr() for t in tensors] + [0] * (6 - len(tensors))
         kernel().blocks_call(phase, blocks.data_ptr(), len(blocks), f64, *ptrs, k, a)
-    n, m, row_max = n.to(G.dtype), m.to(G.dtype), G.new_zeros(part.num_rows)
+    n, m, row_max = part.n.to(G.dtype), part.m.to(G.dtype), G.new_zeros(part.num_rows)
     call("prescale", G, workspace, row_max)  # whole rows; the cut ones' maxima
     all_reduce(row_max, "max")
     call("prescale_cut_rows", G, workspace, row_max)
